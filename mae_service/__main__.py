@@ -1,0 +1,3 @@
+from mae_service.cli import main
+
+raise SystemExit(main())

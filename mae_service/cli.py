@@ -1,0 +1,59 @@
+"""The ``mae-service`` console script (also ``python -m mae_service``).
+
+Each area of the package registers its own subcommands (``register(subparsers)`` in its ``commands``
+module), so this file stays a table of contents. Exit 0 on success; on bad input, exit 2 with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMAND_MODULES = (
+    "mae_service.train.commands",  # pretrain, demo
+    "mae_service.tune.commands",  # sweep
+    "mae_service.data.commands",  # data synth | pack
+    "mae_service.tracking.commands",  # models …, eval knn, reconstruct
+)
+
+# Offline hygiene for every process the CLI starts (Ray workers inherit the environment at ray.init).
+_QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-service", description="MAE pretraining on Ray, tracked in MLflow.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        rc = args.func(args)
+    except ValueError as e:  # user mistakes: one clear line (ConfigError lists every problem)
+        print(f"mae-service {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mae-service {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)

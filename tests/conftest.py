@@ -1,0 +1,74 @@
+"""Shared fixtures: the real services the integration and e2e tests use (see ``tests/servers.py``)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from tests.servers import AWS_TEST_ENV, QUIET_ENV, MlflowServer, S3Server
+
+for _k, _v in {**QUIET_ENV, "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tier marker from the folder: tests/unit → unit, tests/integration → integration, tests/e2e → e2e."""
+    for item in items:
+        for tier in ("unit", "integration", "e2e"):
+            if f"/tests/{tier}/" in str(item.fspath):
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1; its endpoint and dummy credentials are exported for the session."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket per test."""
+    return s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server):
+    """``mlflow server`` on 127.0.0.1 (SQLite store, artifacts on the S3 server)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3_server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def experiment_name(request):
+    """A fresh MLflow experiment name per test."""
+    return f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+
+
+__all__ = ["AWS_TEST_ENV"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A local single-node Ray on 127.0.0.1 (4 logical CPUs so Ray Data has room beside 2 train workers).
+
+    Module-scoped: one Ray instance at a time on this machine, and the e2e tests start their own cluster.
+    The S3 endpoint and credentials are in the environment before ``ray.init``, so workers inherit them.
+    """
+    import ray
+
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", object_store_memory=1 << 30, include_dashboard=False,
+             runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV}}, log_to_driver=True)
+    yield ray
+    ray.shutdown()

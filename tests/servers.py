@@ -1,0 +1,129 @@
+"""Real services for the tests, started as subprocesses on 127.0.0.1 and stopped by PID.
+
+- :class:`S3Server`: ``moto_server`` (S3 API), with a helper to make buckets.
+- :class:`MlflowServer`: ``mlflow server`` with a SQLite store and artifacts on the S3 server.
+Both are used by the fixtures in ``conftest.py``; scripts and benchmarks may use them too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+            last = e
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout}s: {last}")
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a server we started (its whole process group), by PID."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._log = open(log_dir / "moto.log", "wb")  # noqa: SIM115
+        env = {**os.environ, **AWS_TEST_ENV, **QUIET_ENV}
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        wait_http(f"{self.endpoint}/moto-api/", 30, self.proc)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client (or a Ray worker) needs to reach this server."""
+        return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def make_bucket(self, name: str) -> str:
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=name)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return name
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+        self._log.close()
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1: SQLite backend store, artifacts proxied to the S3 server."""
+
+    def __init__(self, workdir: Path, s3: S3Server, bucket: str = "mlflow-artifacts"):
+        s3.make_bucket(bucket)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115
+        env = {**os.environ, **QUIET_ENV, **s3.env, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{bucket}/artifacts", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir,
+        )
+        wait_http(f"{self.uri}/health", 90, self.proc)
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+        self._log.close()
