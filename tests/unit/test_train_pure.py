@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mae_service.config import build_config, config_from_dict
+from mae_service.train.checkpoint import (
+    CheckpointMeta,
+    load_model_weights,
+    load_training_state,
+    read_meta,
+    save_checkpoint,
+)
+from mae_service.train.driver import _config_changes, resolve_tracking_uri, sanitize_uri
+from mae_service.train.loop import build_model, mask_noise, optimizer_step
+from mae_service.train.pictures import reconstruction_grid
+from mae_service.train.schedule import lr_at, make_optimizer, param_groups
+
+TINY = ["model.name=mae_vit_tiny_patch16", "data.image_size=32", "model.patch_size=8", "model.decoder_embed_dim=32",
+        "model.decoder_depth=1", "model.decoder_num_heads=4", "train.batch_size=8", "train.num_workers=1"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(base_lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(5, **kw) == pytest.approx(0.5)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = build_model(build_config({}, TINY))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert any(names[id(p)].endswith("norm1.weight") for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert not any(names[id(p)] == "pos_embed" for g in (decay, no_decay) for p in g["params"])
+
+
+def test_mask_noise_is_a_pure_function():
+    a = mask_noise(2, 16, seed=1, rank=0, step=5, micro=0)
+    assert torch.equal(a, mask_noise(2, 16, seed=1, rank=0, step=5, micro=0))
+    assert not torch.equal(a, mask_noise(2, 16, seed=1, rank=1, step=5, micro=0))
+    assert not torch.equal(a, mask_noise(2, 16, seed=1, rank=0, step=6, micro=0))
+
+
+def _setup():
+    cfg = build_config({}, TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.05)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return cfg, model, opt, scaler
+
+
+def test_optimizer_step_accumulates_like_one_big_batch():
+    cfg, model, opt, scaler = _setup()
+    imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    loss, skipped = optimizer_step(model, model, opt, scaler, [imgs[:4], imgs[4:]], cfg=cfg,
+                                   device=torch.device("cpu"), rank=0, step=0)
+    assert not skipped and math.isfinite(loss)
+    assert opt.state, "the optimiser stepped"
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_weights():
+    cfg, model, opt, scaler = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    for p in model.decoder_pred.parameters():  # poison the prediction head: loss becomes NaN
+        p.data.fill_(float("nan"))
+    before["decoder_pred.weight"] = model.decoder_pred.weight.clone()
+    before["decoder_pred.bias"] = model.decoder_pred.bias.clone()
+    loss, skipped = optimizer_step(model, model, opt, scaler, [bad], cfg=cfg, device=torch.device("cpu"), rank=0, step=0)
+    assert skipped and math.isnan(loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or (torch.isnan(v).all() and torch.isnan(before[k]).all()), k
+    assert not opt.state
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_checkpoint_roundtrip_without_pickle(tmp_path):
+    cfg, model, opt, scaler = _setup()
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    optimizer_step(model, model, opt, scaler, [imgs], cfg=cfg, device=torch.device("cpu"), rank=0, step=0)
+    meta = CheckpointMeta(step=1, rows_per_rank=4, config=cfg.to_dict(), model_args=dict(model.model_args),
+                          mlflow_run_id="abc", loss=1.5)
+    save_checkpoint(tmp_path, model=model, optimizer=opt, scaler=scaler, meta=meta)
+    back = read_meta(tmp_path)
+    assert (back.step, back.rows_per_rank, back.mlflow_run_id, back.loss) == (1, 4, "abc", 1.5)
+    assert config_from_dict(back.config) == cfg and back.model_args == meta.model_args
+    cfg2, model2, opt2, scaler2 = _setup()
+    load_model_weights(tmp_path, model2)
+    load_training_state(tmp_path, optimizer=opt2, scaler=scaler2)
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+    # both continue identically
+    for m, o, s in ((model, opt, scaler), (model2, opt2, scaler2)):
+        optimizer_step(m, m, o, s, [imgs], cfg=cfg, device=torch.device("cpu"), rank=0, step=1)
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_reconstruction_picture_has_four_panels():
+    cfg, model, _, _ = _setup()
+    img = reconstruction_grid(model, torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    assert img.size == (4 * 32, 3 * 32 + 2 * 2)
+    arr = torch.from_numpy(np.asarray(img))
+    # the pasted panel equals the original on visible patches: some 8x8 patch of panel 4 equals panel 1
+    same = [(arr[r:r + 8, c:c + 8] == arr[r:r + 8, 96 + c:96 + c + 8]).all().item()
+            for r in range(0, 32, 8) for c in range(0, 32, 8)]
+    assert 0 < sum(same) < 16
+
+
+def test_credentials_never_reach_params():
+    assert sanitize_uri("http://user:secret@mlflow:5000/x") == "http://mlflow:5000/x"
+    assert sanitize_uri("s3://bucket/p") == "s3://bucket/p"
+    assert resolve_tracking_uri("sqlite:///mlflow.db").startswith("sqlite:////")
+
+
+def test_resume_refuses_changed_learning_settings():
+    a = build_config({}, TINY)
+    b = build_config({}, [*TINY, "model.mask_ratio=0.5", "train.max_steps=10"])
+    changes = _config_changes(a.to_dict(), b)
+    assert len(changes) == 1 and "model.mask_ratio" in changes[0]
