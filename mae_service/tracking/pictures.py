@@ -1,0 +1,51 @@
+"""``mae-service reconstruct``: the registered MAE (decoder included) on a few images of a dataset, as one PNG."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def reconstruct_to_file(
+    model_uri: str,
+    data_uri: str,
+    out: str,
+    *,
+    fmt: str = "files",
+    num_images: int = 4,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    s3_endpoint: str | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
+    """Write ``out`` (PNG): per image, original | masked | reconstruction | reconstruction + visible patches.
+
+    Images: the first ``num_images`` of ``data_uri`` in listing order, centre-cropped to the model's size.
+    """
+    import torch
+
+    from mae_service.data import eval_dataset, open_source
+    from mae_service.tracking.evaluate import init_ray
+    from mae_service.tracking.registry import load_mae
+    from mae_service.train.pictures import reconstruction_grid
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out!r}: must be a .png file")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {out!r}: folder {str(path.parent)!r} does not exist")
+    if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask ratio {mask_ratio}: must be in (0, 1)")
+    model = load_mae(model_uri, tracking_uri=tracking_uri)
+    src = open_source(data_uri, fmt, s3_endpoint=s3_endpoint)
+    if src.num_images == 0:
+        raise ValueError(f"{data_uri} has no images")
+    init_ray()
+    batch = eval_dataset(src, image_size=model.img_size).limit(num_images).take_batch(num_images, batch_format="numpy")
+    images = torch.from_numpy(batch["image"])
+    grid = reconstruction_grid(model, images, mask_ratio=mask_ratio, seed=seed, max_images=num_images)
+    grid.save(path, format="PNG")
+    logger.info("wrote %s (%d images from %s)", path, images.shape[0], data_uri)
+    return path
