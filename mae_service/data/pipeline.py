@@ -1,0 +1,334 @@
+"""Ray Data datasets over a :class:`~mae_service.data.source.Source`: read → decode → crop → uint8 ``[3, H, W]``.
+
+**Plan (driver, pure numpy).** Per epoch ``e`` the shard order is a permutation seeded by ``(seed, e)``; the
+shards, in that order, form one stream of all items, and rank ``r`` takes the stream's slice
+``[r·n, (r+1)·n)`` with ``n = samples_per_rank(...)``. So every rank gets exactly ``n`` rows per epoch, ranks
+never overlap, and only the stream's tail (``N - world·n`` items, different ones each epoch) is dropped. A
+shard cut by a rank boundary is read by both ranks, each its part. Within a shard the items are visited in a
+permutation seeded by ``(seed, e, shard)``. A *unit* is ``(epoch, shard, a, b)``: positions ``a..b`` of that
+permutation. A rank's dataset is its units for all epochs in order, one Ray Data task per unit, with
+``preserve_order`` so rows come out in the planned order; ``start_sample`` drops whole units and trims one,
+so resuming decodes nothing it skips.
+
+**Tasks (workers).** A unit's objects are fetched together (loose files: concurrent GETs on a thread pool,
+decoded in order as they arrive; a tar or Parquet row group: one read), decoded and cropped with an RNG seeded
+by ``(seed, epoch, item id)``. A bad object is logged with its key and replaced by the next good item of the
+same shard's permutation (cropped with the original item's RNG), so row counts stay exact; ``n_bad`` says how
+many were replaced for each row. A shard without any good item is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import tarfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from mae_service.data.decode import BadImageError, center_crop, item_rng, random_resized_crop
+from mae_service.data.source import Shard, Source, iter_wds_samples, samples_per_rank
+from mae_service.data.storage import filesystem_for
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ROWS = 32
+"""Rows per block a task yields (keeps blocks small and streaming)."""
+FETCH_THREADS = 16
+_SHARD_SALT, _ITEM_SALT = 0x5348, 0x4954
+
+
+# ---- planning (driver) --------------------------------------------------------------------------------------
+def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, _SHARD_SALT]).permutation(num_shards)
+
+
+def item_order(seed: int, epoch: int, shard_index: int, count: int) -> np.ndarray:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, shard_index, _ITEM_SALT]).permutation(count)
+
+
+def plan_epoch(counts: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
+               per_rank: int) -> list[tuple[int, int, int, int]]:
+    """Units ``(epoch, shard, a, b)`` of one rank for one epoch, in order; their sizes sum to ``per_rank``."""
+    order = shard_order(seed, epoch, len(counts))
+    c = counts[order]
+    ends = np.cumsum(c)
+    starts = ends - c
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    units = []
+    for j in np.nonzero((ends > lo) & (starts < hi))[0]:
+        a, b = max(lo - starts[j], 0), min(hi - starts[j], c[j])
+        units.append((epoch, int(order[j]), int(a), int(b)))
+    return units
+
+
+def plan_rank(counts: np.ndarray, *, seed: int, rank: int, world_size: int, per_rank: int, epochs: int,
+              start_sample: int = 0) -> np.ndarray:
+    """All units of one rank over ``epochs`` epochs, skipping the first ``start_sample`` rows; int64 ``[U, 4]``."""
+    total = per_rank * epochs
+    if not 0 <= start_sample <= total:
+        raise ValueError(f"start_sample={start_sample}: must be between 0 and {total} (= {epochs} epochs × "
+                         f"{per_rank} samples per rank)")
+    first_epoch, skip = divmod(start_sample, per_rank)
+    units: list[tuple[int, int, int, int]] = []
+    for e in range(first_epoch, epochs):
+        for ep, s, a, b in plan_epoch(counts, seed, e, rank, world_size, per_rank):
+            if skip >= b - a:
+                skip -= b - a
+                continue
+            units.append((ep, s, a + skip, b))
+            skip = 0
+    return np.asarray(units, dtype=np.int64).reshape(-1, 4)
+
+
+# ---- reading (workers) --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """What a decode task needs; shipped to the workers once with the map function."""
+
+    uri: str
+    s3_endpoint: str | None
+    fmt: str
+    image_column: str | None
+    label_column: str | None
+    shards: tuple[Shard, ...]
+    units: np.ndarray
+    seed: int
+    image_size: int
+    train: bool
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="mae-fetch")
+        return _pool
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(uri: str, s3_endpoint: str | None) -> pafs.FileSystem:
+    return filesystem_for(uri, s3_endpoint)[0]
+
+
+def _read_object(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+class _FilesReader:
+    """Loose files: each item is an object; fetched concurrently, returned in the order asked."""
+
+    def __init__(self, fs: pafs.FileSystem, shard: Shard):
+        self.fs, self.shard = fs, shard
+
+    def _get(self, pos: int) -> tuple[bytes, int]:
+        try:
+            data = _read_object(self.fs, self.shard.keys[pos])
+        except OSError as e:  # vanished or unreadable object: a bad item, like a corrupt one
+            raise BadImageError(f"cannot read: {e}") from None
+        return data, self.shard.labels[pos]
+
+    def get(self, pos: int) -> tuple[bytes, int]:
+        return self._get(pos)
+
+    def iter(self, positions: np.ndarray) -> Iterator[Future]:
+        pool = _fetch_pool()
+        window = FETCH_THREADS * 2  # bounded read-ahead
+        futures: list[Future] = [pool.submit(self._get, int(p)) for p in positions[:window]]
+        for k in range(len(positions)):
+            if k + window < len(positions):
+                futures.append(pool.submit(self._get, int(positions[k + window])))
+            yield futures[k]
+            futures[k] = None  # type: ignore[call-overload]  # free the bytes
+
+
+class _MemoryReader:
+    """A tar or Parquet row group read in one request; items served from memory."""
+
+    def __init__(self, items: list[tuple[bytes, int]], shard: Shard):
+        if len(items) != shard.count:
+            raise RuntimeError(f"{shard.name()} now holds {len(items)} images but held {shard.count} when listed; "
+                               "the data changed under the job (open the source again)")
+        self.items = items
+
+    def get(self, pos: int) -> tuple[bytes, int]:
+        return self.items[pos]
+
+    def iter(self, positions: np.ndarray) -> Iterator[Future]:
+        for p in positions:
+            f: Future = Future()
+            f.set_result(self.items[int(p)])
+            yield f
+
+
+def _read_tar(fs: pafs.FileSystem, shard: Shard) -> _MemoryReader:
+    data = _read_object(fs, shard.path)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        items = [(img or b"", label) for _, img, label in iter_wds_samples(tar, read=True)]
+    return _MemoryReader(items, shard)
+
+
+def _read_row_group(fs: pafs.FileSystem, shard: Shard, image_column: str, label_column: str | None) -> _MemoryReader:
+    import pyarrow.parquet as pq
+
+    top = image_column.split(".", 1)[0]
+    cols = [top] + ([label_column] if label_column else [])
+    with fs.open_input_file(shard.path) as f:
+        table = pq.ParquetFile(f).read_row_group(shard.row_group, columns=cols)
+    col = table.column(top)
+    if "." in image_column:
+        col = col.combine_chunks().field("bytes")
+    images = [b if b is not None else b"" for b in col.to_pylist()]
+    labels = table.column(label_column).to_pylist() if label_column else [-1] * len(images)
+    return _MemoryReader([(img, int(lab) if lab is not None else -1) for img, lab in zip(images, labels, strict=True)],
+                         shard)
+
+
+def _reader(job: _Job, fs: pafs.FileSystem, shard: Shard):
+    if job.fmt == "files":
+        return _FilesReader(fs, shard)
+    if job.fmt == "wds":
+        return _read_tar(fs, shard)
+    assert job.image_column is not None
+    return _read_row_group(fs, shard, job.image_column, job.label_column)
+
+
+def _decode(job: _Job, data: bytes, epoch: int, item_id: int) -> np.ndarray:
+    if job.train:
+        return random_resized_crop(data, job.image_size, item_rng(job.seed, epoch, item_id))
+    return center_crop(data, job.image_size)
+
+
+def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str, np.ndarray]]:
+    epoch, si, a, b = (int(v) for v in job.units[uid])
+    shard = job.shards[si]
+    order = item_order(job.seed, epoch, si, shard.count) if job.train else np.arange(shard.count)
+    positions = order[a:b]
+    reader = _reader(job, fs, shard)
+    n, size = len(positions), job.image_size
+    bad: set[int] = set()
+    rows = 0
+    images = np.empty((min(n, CHUNK_ROWS), 3, size, size), np.uint8)
+    labels = np.empty(len(images), np.int64)
+    n_bad = np.zeros(len(images), np.int64)
+    for k, fut in enumerate(reader.iter(positions)):
+        pos = int(positions[k])
+        item_id = shard.item_id(pos)
+        replaced, cursor = 0, a + k
+        while True:
+            try:
+                data, label = fut.result()
+                img = _decode(job, data, epoch, item_id)
+                break
+            except BadImageError as e:
+                bad.add(pos)
+                replaced += 1
+                logger.warning("bad image %s skipped (%s); replacing it with another item of the same shard",
+                               shard.name(pos), e)
+                while True:  # next item of this shard's order that is not known to be bad
+                    cursor += 1
+                    if cursor - (a + k) >= shard.count:
+                        raise RuntimeError(f"shard {shard.name()} of {job.uri!r} holds no decodable image "
+                                           f"({len(bad)} bad, e.g. {shard.name(next(iter(bad)))})") from None
+                    pos = int(order[cursor % shard.count])
+                    if pos not in bad:
+                        break
+                fut = Future()
+                try:
+                    fut.set_result(reader.get(pos))
+                except BadImageError as read_error:
+                    fut.set_exception(read_error)
+        j = rows % len(images)
+        images[j], labels[j], n_bad[j] = img, label, replaced
+        rows += 1
+        if j == len(images) - 1 or rows == n:
+            m = j + 1
+            out = {"image": images[:m].copy(), "label": labels[:m].copy()}
+            if job.train:
+                out["epoch"] = np.full(m, epoch, np.int64)
+                out["n_bad"] = n_bad[:m].copy()
+            n_bad[:] = 0
+            yield out
+
+
+def _run_units(batch: dict[str, np.ndarray], job: _Job) -> Iterator[dict[str, np.ndarray]]:
+    fs = _filesystem(job.uri, job.s3_endpoint)
+    for uid in batch["id"]:
+        yield from _process_unit(job, fs, int(uid))
+
+
+# ---- datasets -----------------------------------------------------------------------------------------------
+def _job(src: Source, units: np.ndarray, *, seed: int, image_size: int, train: bool) -> _Job:
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size}: must be ≥ 1")
+    return _Job(uri=src.uri, s3_endpoint=src.s3_endpoint, fmt=src.fmt, image_column=src.image_column,
+                label_column=src.label_column, shards=tuple(src.shards), units=units, seed=int(seed),
+                image_size=int(image_size), train=train)
+
+
+def _empty(job: _Job):
+    import ray.data
+
+    s = job.image_size
+    cols = {"image": np.zeros((0, 3, s, s), np.uint8), "label": np.zeros(0, np.int64)}
+    if job.train:
+        cols.update(epoch=np.zeros(0, np.int64), n_bad=np.zeros(0, np.int64))
+    return ray.data.range(1).map_batches(lambda _: cols, batch_format="numpy")
+
+
+def _dataset(job: _Job, decode_cpus: float):
+    """One task per unit, rows in unit order."""
+    import ray.data
+
+    n = len(job.units)
+    if n == 0:
+        ds = _empty(job)
+    else:
+        ds = ray.data.range(n, override_num_blocks=n).map_batches(
+            _run_units, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy", num_cpus=decode_cpus,
+            zero_copy_batch=True)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def ingest_options():
+    """Ray Data execution options that keep the planned row order (for ``ray.train.DataConfig``)."""
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
+
+
+def train_dataset(src: Source, *, rank: int, world_size: int, image_size: int, seed: int, batch_size: int,
+                  epochs: int, start_sample: int = 0, decode_cpus: float = 1.0):
+    """This rank's training stream over all ``epochs``: columns ``image`` (uint8 ``[3, S, S]``), ``label``,
+    ``epoch``, ``n_bad`` (int64); exactly ``samples_per_rank(src, world_size, batch_size)`` rows per epoch.
+
+    Deterministic in ``seed``: same rows, same order, same crops, whichever workers decode them. Rows
+    ``0..start_sample-1`` of the stream are skipped without being read.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs}: must be ≥ 1")
+    per_rank = samples_per_rank(src, world_size, batch_size)
+    counts = np.array([s.count for s in src.shards], np.int64)
+    units = plan_rank(counts, seed=seed, rank=rank, world_size=world_size, per_rank=per_rank, epochs=epochs,
+                      start_sample=start_sample)
+    return _dataset(_job(src, units, seed=seed, image_size=image_size, train=True), decode_cpus)
+
+
+def eval_dataset(src: Source, *, image_size: int, decode_cpus: float = 1.0):
+    """Every image once, in listing order: shorter side resized to ``image_size`` (bicubic), centre crop;
+    columns ``image`` (uint8 ``[3, S, S]``) and ``label``. Bad objects are replaced as in training."""
+    units = np.array([(0, i, 0, s.count) for i, s in enumerate(src.shards)], np.int64).reshape(-1, 4)
+    return _dataset(_job(src, units, seed=0, image_size=image_size, train=False), decode_cpus)

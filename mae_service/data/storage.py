@@ -1,0 +1,84 @@
+"""One way to reach storage: ``s3://bucket/prefix`` or a local path → a pyarrow filesystem and a path in it.
+
+Data reads, synthetic-data writes and checkpoints all go through :func:`filesystem_for`, so a local folder and
+an S3 bucket take the same code path. S3 settings come from the standard AWS environment (credentials chain,
+``AWS_REGION``/``AWS_DEFAULT_REGION``), with the endpoint from the ``s3_endpoint`` argument or
+``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores. Retries and timeouts are kept low so a
+wrong endpoint, wrong credentials or a missing bucket fail in seconds with an error naming the URI.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_MAX_ATTEMPTS = 3
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def endpoint_from_env() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region(bucket: str, endpoint: str | None) -> str:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    if endpoint is None and bucket:
+        try:
+            return pafs.resolve_s3_region(bucket)
+        except OSError:
+            pass
+    return "us-east-1"
+
+
+def s3_filesystem(bucket: str = "", s3_endpoint: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem with low retry counts and timeouts (the AWS credential chain supplies credentials)."""
+    endpoint = s3_endpoint or endpoint_from_env()
+    kwargs: dict = {
+        "region": _region(bucket, endpoint),
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "request_timeout": S3_REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """``uri`` → ``(filesystem, path inside it)``; ``s3://bucket/key`` gives ``"bucket/key"``."""
+    if not uri:
+        raise ValueError("empty storage URI: give s3://bucket/prefix or a local path")
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r}: no bucket name (expected s3://bucket/prefix)")
+        path = posixpath.join(parsed.netloc, parsed.path.lstrip("/")).rstrip("/")
+        return s3_filesystem(parsed.netloc, s3_endpoint), path
+    if uri.startswith("file://"):
+        return pafs.LocalFileSystem(), os.path.abspath(urlparse(uri).path)
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise ValueError(f"{uri!r}: unsupported storage URI ({e}); use s3://bucket/prefix or a local path") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join a URI or path with relative parts using '/'."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out

@@ -1,0 +1,62 @@
+"""The per-rank plan (pure numpy): exact equal counts, disjoint ranks, seeded order, resume = tail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mae_service.data.pipeline import item_order, plan_rank
+from mae_service.data.source import Shard, Source, samples_per_rank
+
+
+def rows(units: np.ndarray) -> list[tuple[int, int, int]]:
+    """Expand units into (epoch, shard, position-in-shard-order) rows."""
+    return [(int(e), int(s), p) for e, s, a, b in units for p in range(a, b)]
+
+
+@pytest.mark.parametrize("counts,world,batch", [([10, 7, 13, 5, 9], 2, 4), ([100], 3, 8), ([3] * 17, 4, 2)])
+def test_ranks_get_equal_disjoint_counts(counts, world, batch):
+    src = Source("mem://", "wds", [Shard(f"s{i}", c) for i, c in enumerate(counts)])
+    per = samples_per_rank(src, world, batch)
+    assert per % batch == 0 and per * world <= sum(counts) and per * world > sum(counts) - world * batch
+    counts_a = np.array(counts)
+    all_rows = []
+    for r in range(world):
+        units = plan_rank(counts_a, seed=1, rank=r, world_size=world, per_rank=per, epochs=3)
+        rr = rows(units)
+        assert len(rr) == 3 * per
+        for e in range(3):
+            assert sum(1 for x in rr if x[0] == e) == per
+        all_rows.append(set(rr))
+        assert np.all(units[:, 3] <= counts_a[units[:, 1]])
+    for i in range(world):
+        for j in range(i + 1, world):
+            assert not all_rows[i] & all_rows[j]
+
+
+def test_seed_sets_the_order_and_epochs_differ():
+    counts = np.array([5] * 20)
+    a = plan_rank(counts, seed=1, rank=0, world_size=1, per_rank=100, epochs=2)
+    b = plan_rank(counts, seed=1, rank=0, world_size=1, per_rank=100, epochs=2)
+    c = plan_rank(counts, seed=2, rank=0, world_size=1, per_rank=100, epochs=2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    e0, e1 = a[a[:, 0] == 0, 1], a[a[:, 0] == 1, 1]
+    assert sorted(e0) == sorted(e1) == list(range(20)) and not np.array_equal(e0, e1)
+    assert not np.array_equal(item_order(1, 0, 3, 50), item_order(1, 1, 3, 50))
+    assert sorted(item_order(1, 0, 3, 50)) == list(range(50))
+
+
+@pytest.mark.parametrize("start", [0, 1, 17, 40, 41, 95, 120])
+def test_resume_is_the_tail(start):
+    counts = np.array([7, 11, 6, 9, 8])
+    full = rows(plan_rank(counts, seed=3, rank=1, world_size=2, per_rank=20, epochs=6))
+    tail = rows(plan_rank(counts, seed=3, rank=1, world_size=2, per_rank=20, epochs=6, start_sample=start))
+    assert tail == full[start:]
+
+
+def test_bad_arguments():
+    src = Source("mem://", "wds", [Shard("s", 10)])
+    with pytest.raises(ValueError, match="too few"):
+        samples_per_rank(src, 4, 4)
+    with pytest.raises(ValueError, match="start_sample"):
+        plan_rank(np.array([10]), seed=0, rank=0, world_size=1, per_rank=10, epochs=1, start_sample=11)
