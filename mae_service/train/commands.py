@@ -49,13 +49,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mae_service.config import load_config
-    from mae_service.data.synth import write_synthetic
+    from mae_service.data.synth import synthesize
 
     out = Path(args.out)
     data = out / "data"
     if not (data / "train").exists():
         print(f"writing a synthetic labelled image set to {data} …", file=sys.stderr)
-        write_synthetic(str(data), num_images=1200, image_size=64, classes=10, fmt="files", seed=0, val_fraction=0.25)
+        synthesize(str(data), num_images=1200, image_size=64, classes=10, fmt="files", seed=0, val_fraction=0.25,
+                   progress=True)
     overrides = [f"data.train_uri={data / 'train'}", f"data.val_uri={data / 'val'}",
                  f"train.storage_path={out.resolve() / 'checkpoints'}",
                  f"mlflow.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}", *args.overrides]

@@ -168,7 +168,8 @@ def init_ray(cfg: Config) -> None:
         ray.init(log_to_driver=True)
         return
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.decode_cpus
-    ray.init(num_cpus=max(4, int(need + 1.999)), _node_ip_address="127.0.0.1", include_dashboard=False,
+    ray.init(num_cpus=max(4, int(need + 1.999)), _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1",
              object_store_memory=min(2 << 30, int(os.environ.get("MAE_OBJECT_STORE_BYTES", 1 << 30))))
 
 
@@ -226,7 +227,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mae_service.data import samples_per_rank, train_dataset
+    from mae_service.data import ingest_options, samples_per_rank, train_dataset
     from mae_service.train.loop import train_loop_per_worker
 
     src, val = preflight(cfg)
@@ -254,11 +255,15 @@ def pretrain(cfg: Config) -> PretrainResult:
     init_ray(cfg)
     check_resources(cfg)
 
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the training loop logs progress
     rows_per_step = cfg.micro_batch * cfg.accum_steps
     start_rows = start_step * rows_per_step
     datasets = {
         f"train_{r}": train_dataset(src, rank=r, world_size=t.num_workers, image_size=cfg.data.image_size,
-                                    seed=t.seed, batch_size=cfg.micro_batch, epochs=t.epochs, start_sample=start_rows)
+                                    seed=t.seed, batch_size=cfg.micro_batch, epochs=t.epochs, start_sample=start_rows,
+                                    decode_cpus=cfg.data.decode_cpus)
         for r in range(t.num_workers)
     }
     knn = None
@@ -282,7 +287,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
     if start_step >= total_steps:
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, total_steps)
@@ -295,8 +300,10 @@ def pretrain(cfg: Config) -> PretrainResult:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
+    t_fit = time.monotonic()
     try:
         result = trainer.fit()
+        logger.info("training finished in %.0f s", time.monotonic() - t_fit)
     except BaseException:
         client.set_terminated(mlflow_run_id, status="FAILED")
         raise

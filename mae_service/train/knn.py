@@ -23,7 +23,7 @@ def encode(model: torch.nn.Module, dataset, device: torch.device, *, batch_size:
     was_training = model.training
     model.eval()
     try:
-        for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8}):
+        for batch in dataset.iter_torch_batches(batch_size=batch_size):
             x = normalize(batch["image"].to(device))
             feats.append(model.forward_features(x)[:, 0].float().cpu())
             labels.append(batch["label"].cpu())

@@ -114,6 +114,7 @@ def optimizer_step(ddp_model: torch.nn.Module, core: torch.nn.Module, optimizer:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import mlflow
+    import ray.data
     import ray.train
     import ray.train.torch
     from mlflow.entities import Metric
@@ -156,9 +157,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     core = model  # the unwrapped MaskedAutoencoder (pictures, checkpoints)
 
     # ---- data -----------------------------------------------------------------------------------------------------
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs its own progress
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = iter(shard.iter_torch_batches(batch_size=acct.micro_batch, prefetch_batches=2, drop_last=True,
-                                            dtypes={"image": torch.uint8}))
+    batches = iter(shard.iter_torch_batches(batch_size=acct.micro_batch, prefetch_batches=2, drop_last=True))
     skip_rows = start_step * acct.rows_per_step - config["start_rows"]
     if skip_rows < 0:
         raise RuntimeError(f"checkpoint at step {start_step} is older than the data stream start "
