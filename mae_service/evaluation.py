@@ -116,6 +116,17 @@ def linear_probe(
     xt, xv = (xt - mean) / std, (xv - mean) / std
     num_classes = int(max(yt.max(), yv.max())) + 1
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add synchronisation (20x slower on 2 busy cores)
+    try:
+        return _train_probe(xt, yt, xv, yv, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                            batch_size=batch_size, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_probe(xt: Tensor, yt: Tensor, xv: Tensor, yv: Tensor, num_classes: int, *, epochs: int, lr: float,
+                 weight_decay: float, batch_size: int, seed: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(xt.shape[1], num_classes)
     with torch.no_grad():

@@ -53,7 +53,7 @@ class EncoderModel(PythonModel):
         self.mean = torch.tensor(arch["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(arch["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
 
         x = np.asarray(model_input)

@@ -342,6 +342,7 @@ def download(model_uri: str, out_dir: str | os.PathLike, *, tracking_uri: str | 
         raise ValueError(f"output folder {str(out)!r} is not empty; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     base = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
+    logger.info("downloading %s (version %s of %s) to %s", model_uri, mv.version, mv.name, out)
     with tempfile.TemporaryDirectory(prefix="mae-download-", dir=out.parent) as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=base, dst_path=tmp, tracking_uri=uri))
