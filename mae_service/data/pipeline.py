@@ -131,6 +131,9 @@ class _FilesReader:
     def __init__(self, fs: pafs.FileSystem, shard: Shard):
         self.fs, self.shard = fs, shard
 
+    def name(self, pos: int) -> str:
+        return self.shard.keys[pos]
+
     def _get(self, pos: int) -> tuple[bytes, int]:
         try:
             data = _read_object(self.fs, self.shard.keys[pos])
@@ -155,11 +158,14 @@ class _FilesReader:
 class _MemoryReader:
     """A tar or Parquet row group read in one request; items served from memory."""
 
-    def __init__(self, items: list[tuple[bytes, int]], shard: Shard):
+    def __init__(self, items: list[tuple[bytes, int]], keys: list[str], shard: Shard):
         if len(items) != shard.count:
             raise RuntimeError(f"{shard.name()} now holds {len(items)} images but held {shard.count} when listed; "
                                "the data changed under the job (open the source again)")
-        self.items = items
+        self.items, self.keys, self.shard = items, keys, shard
+
+    def name(self, pos: int) -> str:
+        return f"{self.shard.name()}:{self.keys[pos]}"
 
     def get(self, pos: int) -> tuple[bytes, int]:
         return self.items[pos]
@@ -174,8 +180,8 @@ class _MemoryReader:
 def _read_tar(fs: pafs.FileSystem, shard: Shard) -> _MemoryReader:
     data = _read_object(fs, shard.path)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        items = [(img or b"", label) for _, img, label in iter_wds_samples(tar, read=True)]
-    return _MemoryReader(items, shard)
+        samples = list(iter_wds_samples(tar, read=True))
+    return _MemoryReader([(img or b"", label) for _, img, label in samples], [k for k, _, _ in samples], shard)
 
 
 def _read_row_group(fs: pafs.FileSystem, shard: Shard, image_column: str, label_column: str | None) -> _MemoryReader:
@@ -190,8 +196,8 @@ def _read_row_group(fs: pafs.FileSystem, shard: Shard, image_column: str, label_
         col = col.combine_chunks().field("bytes")
     images = [b if b is not None else b"" for b in col.to_pylist()]
     labels = table.column(label_column).to_pylist() if label_column else [-1] * len(images)
-    return _MemoryReader([(img, int(lab) if lab is not None else -1) for img, lab in zip(images, labels, strict=True)],
-                         shard)
+    items = [(img, int(lab) if lab is not None else -1) for img, lab in zip(images, labels, strict=True)]
+    return _MemoryReader(items, [f"row{i}" for i in range(len(items))], shard)
 
 
 def _reader(job: _Job, fs: pafs.FileSystem, shard: Shard):
@@ -234,12 +240,12 @@ def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str
                 bad.add(pos)
                 replaced += 1
                 logger.warning("bad image %s skipped (%s); replacing it with another item of the same shard",
-                               shard.name(pos), e)
+                               reader.name(pos), e)
                 while True:  # next item of this shard's order that is not known to be bad
                     cursor += 1
                     if cursor - (a + k) >= shard.count:
                         raise RuntimeError(f"shard {shard.name()} of {job.uri!r} holds no decodable image "
-                                           f"({len(bad)} bad, e.g. {shard.name(next(iter(bad)))})") from None
+                                           f"({len(bad)} bad, e.g. {reader.name(next(iter(bad)))})") from None
                     pos = int(order[cursor % shard.count])
                     if pos not in bad:
                         break
