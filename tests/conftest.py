@@ -72,3 +72,33 @@ def ray_local(s3_server):
              runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV}}, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_cluster(s3_server):
+    """The two-node Ray cluster of ``cluster/local.sh`` (head 127.0.0.2, worker node 127.0.0.3, token auth on).
+
+    Started with the S3 server's endpoint and credentials in its environment, so job drivers and workers reach
+    it; so does anything else in ``os.environ`` then (e.g. ``MLFLOW_TRACKING_URI``). Yields the client variables
+    that ``up`` exports (``RAY_ADDRESS``, ``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN_PATH``): run ``ray job submit`` with
+    ``env={**os.environ, **local_cluster}``. Module-scoped, and never alive beside ``ray_local``.
+    """
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "cluster" / "local.sh"
+    up = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        subprocess.run([str(script), "down"], capture_output=True, timeout=120)
+        pytest.fail(f"cluster/local.sh up failed ({up.returncode}):\n{up.stderr[-4000:]}")
+    exports = {}
+    for line in up.stdout.splitlines():
+        word, assignment = shlex.split(line)
+        assert word == "export", f"cluster/local.sh up printed a line that is not an export: {line!r}"
+        key, value = assignment.split("=", 1)
+        exports[key] = value
+    try:
+        yield exports
+    finally:
+        subprocess.run([str(script), "down"], capture_output=True, timeout=120)
