@@ -193,7 +193,7 @@ def check_resources(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _mlflow_run(cfg: Config, run_name: str, resume_run_id: str | None) -> str:
+def _mlflow_run(cfg: Config, run_name: str, resume_run_id: str | None, tags: dict[str, str] | None = None) -> str:
     """Create (or find, for a resumed run) the run's MLflow run; log the resolved config as params."""
     import mlflow
 
@@ -214,7 +214,8 @@ def _mlflow_run(cfg: Config, run_name: str, resume_run_id: str | None) -> str:
     if resume_run_id is not None:
         client.update_run(resume_run_id, status="RUNNING")
         return resume_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, "mae.config_hash": cfg.digest()})
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, "mae.config_hash": cfg.digest(), **(tags or {})})
     params = {k: sanitize_uri(v) if isinstance(v, str) else v for k, v in cfg.flat().items()}
     from mlflow.entities import Param
 
@@ -222,8 +223,13 @@ def _mlflow_run(cfg: Config, run_name: str, resume_run_id: str | None) -> str:
     return run.info.run_id
 
 
-def pretrain(cfg: Config) -> PretrainResult:
-    """Run (or continue) the pretraining run described by ``cfg``; returns where its results are."""
+def pretrain(cfg: Config, *, callbacks: list | None = None, mlflow_tags: dict[str, str] | None = None,
+             register: bool | None = None) -> PretrainResult:
+    """Run (or continue) the pretraining run described by ``cfg``; returns where its results are.
+
+    ``callbacks`` go to Ray Train's RunConfig (a sweep passes Tune's report callback); ``mlflow_tags`` are set on a
+    new MLflow run (a sweep passes ``mlflow.parentRunId``); ``register`` overrides ``registry.register``.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -251,7 +257,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     total_steps = min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps
 
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow_run_id = _mlflow_run(cfg, run_name, mlflow_run_id)
+    mlflow_run_id = _mlflow_run(cfg, run_name, mlflow_run_id, mlflow_tags)
     init_ray(cfg)
     check_resources(cfg)
 
@@ -285,6 +291,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             name=run_name, storage_path=storage_root, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
@@ -311,9 +318,39 @@ def pretrain(cfg: Config) -> PretrainResult:
     metrics = dict(result.metrics or {})
     checkpoint_uri = _uri_of(t.storage_path, ckpt.path if ckpt else None, storage_root)
     client.set_tag(mlflow_run_id, "mae.checkpoint_uri", checkpoint_uri or "")
-    client.set_terminated(mlflow_run_id, status="FINISHED")
-    return PretrainResult(run_name, mlflow_run_id, tracking_uri, checkpoint_uri, int(metrics.get("step", 0)),
-                          metrics.get("loss"), metrics=metrics)
+    out = PretrainResult(run_name, mlflow_run_id, tracking_uri, checkpoint_uri, int(metrics.get("step", 0)),
+                         metrics.get("loss"), metrics=metrics)
+    try:
+        if (cfg.registry.register if register is None else register) and ckpt is not None:
+            out.model_version = register_from_checkpoint(cfg, ckpt, out)
+    finally:
+        client.set_terminated(mlflow_run_id, status="FINISHED")
+    return out
+
+
+def register_from_checkpoint(cfg: Config, ckpt: Any, result: PretrainResult, *, alias: str | None = None,
+                             extra_tags: dict[str, str] | None = None) -> Any:
+    """Register the encoder of a finished run's last checkpoint as a model version, with its lineage."""
+    from mae_service.model import create_model
+    from mae_service.tracking import register_encoder
+    from mae_service.train.checkpoint import load_model_weights, read_meta
+
+    with ckpt.as_directory() as d:
+        meta = read_meta(d)
+        model = create_model(**meta.model_args)
+        load_model_weights(d, model)
+    tags = {"data_uri": sanitize_uri(cfg.data.train_uri), "data_format": cfg.data.format,
+            "config_digest": cfg.digest(), "steps": str(meta.step), "final_loss": f"{meta.loss:.6g}",
+            "run_name": result.run_name, "model_name": cfg.model.name}
+    if result.metrics and "knn_top1" in result.metrics:
+        tags["knn_top1"] = f"{result.metrics['knn_top1']:.4f}"
+    tags.update(extra_tags or {})
+    alias = alias or cfg.registry.alias
+    mv = register_encoder(model, tracking_uri=result.tracking_uri, model_name=cfg.registry.model_name,
+                          alias=alias, run_id=result.mlflow_run_id, tags=tags,
+                          checkpoint_uri=result.checkpoint_uri, experiment=cfg.mlflow.experiment)
+    logger.info("registered %s (alias @%s)", mv.uri, alias)
+    return mv
 
 
 def _uri_of(storage_path: str, fs_path: str | None, storage_root: str) -> str | None:

@@ -67,7 +67,8 @@ def test_pretrain_on_s3_with_mlflow_server(ray_local, s3_server, s3_bucket, mlfl
 def _cfg(local_data, tmp_path, name, *extra):
     return build_config({}, [*TINY, f"data.train_uri={local_data / 'train'}", f"train.storage_path={tmp_path / 'ck'}",
                              f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.run_name={name}",
-                             "train.epochs=4", "train.lr=1e-3", "train.checkpoint_every_steps=4", *extra])
+                             "train.epochs=4", "train.lr=1e-3", "train.checkpoint_every_steps=4", "registry.register=false",
+                             *extra])
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run(ray_local, local_data, tmp_path):
