@@ -64,11 +64,13 @@ def ray_local(s3_server):
     """A local single-node Ray on 127.0.0.1 (4 logical CPUs so Ray Data has room beside 2 train workers).
 
     Module-scoped: one Ray instance at a time on this machine, and the e2e tests start their own cluster.
+    The dashboard (on loopback) is on: without its state API, Ray Train's controller cleanup waits for minutes.
     The S3 endpoint and credentials are in the environment before ``ray.init``, so workers inherit them.
     """
     import ray
 
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", object_store_memory=1 << 30, include_dashboard=False,
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", object_store_memory=1 << 30, include_dashboard=True,
+             dashboard_host="127.0.0.1",
              runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV}}, log_to_driver=True)
     yield ray
     ray.shutdown()
