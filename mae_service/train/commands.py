@@ -27,17 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_and_report(cfg) -> int:
     from mae_service.train.driver import pretrain
 
-    result = pretrain(cfg)
+    report(cfg, pretrain(cfg))
+    return 0
+
+
+def report(cfg, result) -> None:
     print(f"run:          {result.run_name} (step {result.step}, loss {result.loss})")
     print(f"mlflow run:   {result.mlflow_run_id} at {result.tracking_uri}")
     print(f"checkpoint:   {result.checkpoint_uri}")
     if result.model_version is not None:
         mv = result.model_version
         print(f"registered:   models:/{mv.name}/{mv.version} (alias @{cfg.registry.alias})")
-        print("load it:      python -c \"from mae_service.tracking import load_encoder; "
-              f"m = load_encoder('models:/{mv.name}@{cfg.registry.alias}')\"  "
-              f"(MLFLOW_TRACKING_URI={result.tracking_uri})")
-    return 0
+        print(f"load it:      MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/python -c \"from mae_service.tracking "
+              f"import load_encoder; print(load_encoder('models:/{mv.name}@{cfg.registry.alias}'))\"")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -61,4 +63,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  f"train.storage_path={out.resolve() / 'checkpoints'}",
                  f"mlflow.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}", *args.overrides]
     cfg = load_config(DEMO_CONFIG, overrides)
-    return run_and_report(cfg)
+    from mae_service.train.driver import pretrain
+
+    result = pretrain(cfg)
+    report(cfg, result)
+    if result.model_version is not None:
+        from mae_service.tracking import evaluate_model
+
+        m = evaluate_model(result.model_version.alias_uri, cfg.data.train_uri, cfg.data.val_uri,
+                           tracking_uri=result.tracking_uri, random_baseline=True, linear_probe=True,
+                           experiment=cfg.mlflow.experiment)
+        print(f"k-NN top-1 on the held-out split: {m['knn_top1']:.3f} (same architecture, random weights: "
+              f"{m['knn_top1_random_init']:.3f}); linear probe {m['linear_probe_top1']:.3f} "
+              f"(random: {m['linear_probe_top1_random_init']:.3f})")
+        print(f"look it up:   MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/mae-service models show "
+              f"{result.model_version.alias_uri}")
+    return 0
