@@ -109,7 +109,7 @@ def test_reconstruction_picture_has_four_panels():
     cfg, model, _, _ = _setup()
     img = reconstruction_grid(model, torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
     assert img.size == (4 * 32, 3 * 32 + 2 * 2)
-    arr = torch.from_numpy(np.asarray(img))
+    arr = torch.from_numpy(np.array(img))
     # the pasted panel equals the original on visible patches: some 8x8 patch of panel 4 equals panel 1
     same = [(arr[r:r + 8, c:c + 8] == arr[r:r + 8, 96 + c:96 + c + 8]).all().item()
             for r in range(0, 32, 8) for c in range(0, 32, 8)]
