@@ -127,7 +127,7 @@ class MlflowConfig:
 @dataclass
 class RegistryConfig:
     model_name: str = "mae-encoder"
-    alias: str = "latest"
+    alias: str = "current"
     register: bool = True
 
 
@@ -406,8 +406,10 @@ def validate(cfg: Config) -> list[str]:
         p.append("mlflow.experiment is empty")
     if not cfg.registry.model_name:
         p.append("registry.model_name is empty")
-    if not cfg.registry.alias or cfg.registry.alias.lower().startswith("v") and cfg.registry.alias[1:].isdigit():
-        p.append(f"registry.alias={cfg.registry.alias!r}: must be a name (not empty, not of the form v<number>)")
+    if (not cfg.registry.alias or cfg.registry.alias.lower() == "latest"
+            or cfg.registry.alias.lower().startswith("v") and cfg.registry.alias[1:].isdigit()):
+        p.append(f"registry.alias={cfg.registry.alias!r}: must be a name (not empty, not 'latest', not of the form "
+                 "v<number>: MLflow reserves those)")
     return p
 
 

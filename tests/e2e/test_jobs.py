@@ -46,7 +46,7 @@ def test_pretrain_job_on_s3_resumes_when_resubmitted(local_cluster, s3_server, s
     assert len(runs) == 1, "the resubmitted job continues the same MLflow run"
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     assert steps == list(range(1, 13))
-    mv = client.get_model_version_by_alias("e2e-encoder", "latest")
+    mv = client.get_model_version_by_alias("e2e-encoder", "current")
     assert mv.tags["steps"] == "12" and mv.tags["checkpoint_uri"].startswith(f"s3://{s3_bucket}/ckpt/e2e/")
 
 
