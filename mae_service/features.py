@@ -135,7 +135,7 @@ def extract_labelled_features(
         if "image" not in batch or "label" not in batch:
             raise ValueError(f"batches must have columns image and label, got {sorted(batch)}")
         feats.append(extract_features(model, [batch["image"]], batch_size=batch_size))
-        labels.append(torch.as_tensor(np.asarray(batch["label"])).reshape(-1).to(torch.int64))
+        labels.append(torch.as_tensor(np.array(batch["label"], dtype=np.int64)).reshape(-1))
     if not feats:
         raise ValueError("extract_labelled_features got no batches")
     return torch.cat(feats), torch.cat(labels)

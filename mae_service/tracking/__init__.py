@@ -28,6 +28,7 @@ _EXPORTS = {
     "LINEAGE_KEYS": "mae_service.tracking.registry",
     "evaluate_model": "mae_service.tracking.evaluate",
     "dataset_features": "mae_service.tracking.evaluate",
+    "splits_features": "mae_service.tracking.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -149,18 +149,32 @@ def _models_promote(args: argparse.Namespace) -> int:
 def _eval_knn(args: argparse.Namespace) -> int:
     from mae_service.tracking.evaluate import evaluate_model
 
+    model, train, val, fmt, k = args.model, args.train_data, args.val_data, args.format, args.k
+    s3_endpoint, tracking = args.s3_endpoint, args.tracking_uri
+    if args.config or args.overrides:  # a job config (as in ``jobs/evaluate.py``) fills what the flags leave open
+        from mae_service.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        model = model or f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
+        train, val = train or cfg.data.train_uri, val or cfg.data.val_uri
+        fmt, k = fmt or cfg.data.format, k or cfg.train.knn_k
+        s3_endpoint, tracking = s3_endpoint or cfg.data.s3_endpoint, tracking or cfg.mlflow.tracking_uri
+    missing = [flag for flag, v in (("--model", model), ("--train-data", train), ("--val-data", val)) if not v]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (give the flags, or --config with registry.model_name, "
+                         "data.train_uri and data.val_uri)")
+    args.tracking_uri = tracking
     metrics = evaluate_model(
-        args.model, args.train_data, args.val_data, fmt=args.format, image_size=args.image_size, k=args.k,
+        model, train, val, fmt=fmt or "files", image_size=args.image_size, k=k or 20,
         temperature=args.temperature, linear_probe=not args.no_linear_probe, random_baseline=args.random_baseline,
-        batch_size=args.batch_size, concurrency=args.concurrency, s3_endpoint=args.s3_endpoint,
+        batch_size=args.batch_size, concurrency=args.concurrency, s3_endpoint=s3_endpoint,
         tracking_uri=_tracking_uri(args), experiment=args.experiment, record=not args.no_record,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         for key, value in metrics.items():
-            print(f"{key:<32} {value:.4f}" if isinstance(value, float) and not key.startswith("num_")
-                  else f"{key:<32} {int(value)}")
+            print(f"{key:<32} {int(value)}" if key.startswith("num_") else f"{key:<32} {value:.4f}")
     return 0
 
 
@@ -227,13 +241,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", help="evaluate a registered encoder on labelled data")
     esub = ev.add_subparsers(dest="eval_command", metavar="METHOD", required=True)
-    p = esub.add_parser("knn", help="k-NN (and linear-probe) top-1 accuracy on frozen features; recorded in MLflow")
-    p.add_argument("--model", required=True, help=_URI_HELP)
-    p.add_argument("--train-data", required=True, help="labelled images the classifiers fit (s3:// or a path)")
-    p.add_argument("--val-data", required=True, help="labelled held-out images (s3:// or a path)")
-    p.add_argument("--format", default="files", choices=("files", "wds", "parquet"), help="data format")
+    p = esub.add_parser("knn", help="k-NN (and linear-probe) top-1 accuracy on frozen features; recorded in MLflow",
+                        description="Embed labelled train and held-out images with a registered encoder (Ray Data), "
+                                    "score k-NN and a linear probe, log an MLflow run and tag the model version. "
+                                    "With --config (and KEY=VALUE overrides) the model, data and tracking URI "
+                                    "default to the config's registry.*, data.* and mlflow.*.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.val_uri=s3://b/v")
+    p.add_argument("--config", default=None, help="YAML job config (as for pretrain)")
+    p.add_argument("--model", default=None, help=_URI_HELP)
+    p.add_argument("--train-data", default=None, help="labelled images the classifiers fit (s3:// or a path)")
+    p.add_argument("--val-data", default=None, help="labelled held-out images (s3:// or a path)")
+    p.add_argument("--format", default=None, choices=("files", "wds", "parquet"), help="data format (default files)")
     p.add_argument("--image-size", type=_positive_int, default=None, help="crop size (default: the encoder's)")
-    p.add_argument("--k", type=_positive_int, default=20, help="neighbours (default 20)")
+    p.add_argument("--k", type=_positive_int, default=None, help="neighbours (default 20, or train.knn_k)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per embedding batch")
     p.add_argument("--concurrency", type=_positive_int, default=1, help="Ray Data embedding actors")

@@ -32,24 +32,35 @@ def init_ray() -> None:
 
 
 class _Embedder:
-    """Ray Data actor: builds the encoder once, then embeds ``image`` batches, keeping ``label`` beside them."""
+    """Ray Data actor: builds the encoders once, then embeds ``image`` batches with each (``feature_<i>``),
+    passing the other columns (``label``, ``split``) through."""
 
-    def __init__(self, timm_name: str, timm_kwargs: dict[str, Any], state: Any):
+    def __init__(self, archs: list[tuple[str, dict[str, Any]]], states: list[Any]):
         import ray
         import timm
         import torch
 
-        if isinstance(state, ray.ObjectRef):
-            state = ray.get(state)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.encoder = timm.create_model(timm_name, pretrained=False, **timm_kwargs)
-        self.encoder.load_state_dict(state, strict=True)
-        self.encoder.eval()
+        self.encoders = []
+        for (timm_name, timm_kwargs), state in zip(archs, states, strict=True):
+            if isinstance(state, ray.ObjectRef):
+                state = ray.get(state)
+            encoder = timm.create_model(timm_name, pretrained=False, **timm_kwargs)
+            encoder.load_state_dict(state, strict=True)
+            self.encoders.append(encoder.eval())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mae_service.features import embed
 
-        return {"feature": embed(self.encoder, batch["image"]).numpy(), "label": batch["label"]}
+        out = {k: v for k, v in batch.items() if k != "image"}
+        for i, encoder in enumerate(self.encoders):
+            out[f"feature_{i}"] = embed(encoder, batch["image"]).numpy()
+        return out
+
+
+def _add_split(batch: dict[str, np.ndarray], split: int) -> dict[str, np.ndarray]:
+    batch["split"] = np.full(len(batch["label"]), split, np.int64)
+    return batch
 
 
 def dataset_features(ds: Any, encoder: Any, *, batch_size: int = 64, concurrency: int = 1,
@@ -61,20 +72,43 @@ def dataset_features(ds: Any, encoder: Any, *, batch_size: int = 64, concurrency
     The encoder's weights go to the object store once; ``concurrency`` actors embed in parallel. Rows keep
     their label, so the result does not depend on the order Ray returns blocks in.
     """
+    (feats,), labels = splits_features([ds], [encoder], batch_size=batch_size, concurrency=concurrency,
+                                       num_cpus=num_cpus)[0]
+    return feats, labels
+
+
+def splits_features(datasets: list[Any], encoders: list[Any], *, batch_size: int = 64, concurrency: int = 1,
+                    num_cpus: float = 1.0) -> list[tuple[list[np.ndarray], np.ndarray]]:
+    """Embed several datasets (e.g. train and held-out) with several encoders in ONE Ray Data pass: every image is
+    read and decoded once. Returns, per dataset, ``([features of encoder 0, encoder 1, …], labels)``."""
     import ray
 
-    timm_name, kwargs, state = _architecture(encoder)
-    state_ref = ray.put(state)
-    out = ds.map_batches(_Embedder, fn_constructor_kwargs={"timm_name": timm_name, "timm_kwargs": kwargs,
-                                                           "state": state_ref},
+    archs, states = [], []
+    for enc in encoders:
+        name, kwargs, state = _architecture(enc)
+        archs.append((name, kwargs))
+        states.append(ray.put(state))
+    tagged = [ds.map_batches(_add_split, fn_kwargs={"split": i}, batch_format="numpy") for i, ds in enumerate(datasets)]
+    ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    out = ds.map_batches(_Embedder, fn_constructor_kwargs={"archs": archs, "states": states},
                          batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
-    feats, labels = [], []
+    parts: list[dict[str, list[np.ndarray]]] = [{"label": [], **{f"feature_{j}": [] for j in range(len(encoders))}}
+                                                for _ in datasets]
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        feats.append(np.asarray(batch["feature"], dtype=np.float32))
-        labels.append(np.asarray(batch["label"], dtype=np.int64).reshape(-1))
-    if not feats:
-        raise ValueError("the dataset has no images")
-    return np.concatenate(feats), np.concatenate(labels)
+        split = np.asarray(batch["split"])
+        for i, part in enumerate(parts):
+            rows = split == i
+            if rows.any():
+                part["label"].append(np.asarray(batch["label"], dtype=np.int64).reshape(-1)[rows])
+                for j in range(len(encoders)):
+                    part[f"feature_{j}"].append(np.asarray(batch[f"feature_{j}"], dtype=np.float32)[rows])
+    result = []
+    for i, part in enumerate(parts):
+        if not part["label"]:
+            raise ValueError(f"dataset {i} has no images")
+        result.append(([np.concatenate(part[f"feature_{j}"]) for j in range(len(encoders))],
+                       np.concatenate(part["label"])))
+    return result
 
 
 def _architecture(model: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -127,6 +161,7 @@ def evaluate_model(
     go to an MLflow run in ``experiment`` and onto the model version's tags (see :func:`record_eval`).
     """
     import timm
+    import torch
 
     from mae_service.data import eval_dataset, open_source
     from mae_service.evaluation import knn_top1
@@ -143,25 +178,26 @@ def evaluate_model(
                 src_val.num_images, size)
     init_ray()
 
-    def score(enc: Any, prefix: str, suffix: str = "") -> dict[str, float]:
-        xt, yt = _labelled(*dataset_features(eval_dataset(src_train, image_size=size), enc, batch_size=batch_size,
-                                             concurrency=concurrency), train_uri)
-        xv, yv = _labelled(*dataset_features(eval_dataset(src_val, image_size=size), enc, batch_size=batch_size,
-                                             concurrency=concurrency), val_uri)
-        m = {f"{prefix}knn_top1{suffix}": knn_top1(xt, yt, xv, yv, k=k, temperature=temperature)}
-        if linear_probe:
-            m[f"{prefix}linear_probe_top1{suffix}"] = probe(xt, yt, xv, yv)
-        m.setdefault("num_train", float(len(yt)))
-        m.setdefault("num_val", float(len(yv)))
-        return m
-
-    metrics = score(encoder, "")
-    if random_baseline:
+    encoders = [encoder]
+    if random_baseline:  # the same architecture, random weights: what pretraining must beat
         arch = encoder.mae_architecture
-        rand = timm.create_model(arch["timm_name"], pretrained=False, **arch["timm_kwargs"])
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            rand = timm.create_model(arch["timm_name"], pretrained=False, **arch["timm_kwargs"])
         rand.mae_architecture = arch
-        metrics.update({k_: v for k_, v in score(rand.eval(), "", "_random_init").items()
-                        if k_.endswith("_random_init")})
+        encoders.append(rand.eval())
+    (train_feats, yt), (val_feats, yv) = splits_features(
+        [eval_dataset(src_train, image_size=size), eval_dataset(src_val, image_size=size)], encoders,
+        batch_size=batch_size, concurrency=concurrency)
+    metrics: dict[str, float] = {}
+    for j, suffix in enumerate(["", "_random_init"][: len(encoders)]):
+        xt, yt_ = _labelled(train_feats[j], yt, train_uri)
+        xv, yv_ = _labelled(val_feats[j], yv, val_uri)
+        metrics[f"knn_top1{suffix}"] = knn_top1(xt, yt_, xv, yv_, k=k, temperature=temperature)
+        if linear_probe:
+            metrics[f"linear_probe_top1{suffix}"] = probe(xt, yt_, xv, yv_)
+        metrics.setdefault("num_train", float(len(yt_)))
+        metrics.setdefault("num_val", float(len(yv_)))
     metrics["eval_seconds"] = round(time.monotonic() - t0, 3)
     if record:
         run_id = record_eval(model_uri, metrics, tracking_uri=tracking_uri,

@@ -1,0 +1,113 @@
+"""``mae-service eval knn`` (features on Ray Data, data on S3), ``jobs/evaluate.py`` and ``mae-service reconstruct``
+against a registered encoder in an embedded registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mae_service.cli import main
+from mae_service.data import eval_dataset, open_source, synthesize
+from mae_service.evaluation import knn_top1
+from mae_service.features import extract_labelled_features
+from mae_service.model import create_model
+from mae_service.tracking import describe, register_encoder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, s3_server, ray_local):
+    root = tmp_path_factory.mktemp("eval")
+    bucket = s3_server.make_bucket("registry-eval")
+    data = f"s3://{bucket}/synth"
+    counts = synthesize(data, num_images=60, image_size=32, classes=3, val_fraction=0.25, seed=1)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(root)  # the embedded store's artifacts (./mlruns) stay in tmp
+    try:
+        torch.manual_seed(0)
+        model = create_model("mae_vit_tiny_patch16", img_size=32, depth=2, decoder_embed_dim=32, decoder_depth=1,
+                             decoder_num_heads=4).eval()
+        reg = register_encoder(model, tracking_uri=uri, model_name="eval-encoder", alias="current", run_id=None,
+                               tags={"data_uri": data})
+        yield {"uri": uri, "data": data, "counts": counts, "model": model, "reg": reg, "root": root}
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture
+def quiet_env(monkeypatch):
+    """The CLI sets some MLflow env defaults; undo them after each test."""
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        old = os.environ.get(key)
+        monkeypatch.setenv(key, old or "")
+        if old is None:
+            monkeypatch.delenv(key)
+
+
+def test_eval_knn_cli_scores_records_and_matches_local_features(setup, capsys, quiet_env):
+    uri, data = setup["uri"], setup["data"]
+    rc = main(["eval", "knn", "--model", "models:/eval-encoder@current", "--train-data", f"{data}/train",
+               "--val-data", f"{data}/val", "--tracking-uri", uri, "--k", "5", "--random-baseline", "--json"])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_train"] == setup["counts"]["train"] and metrics["num_val"] == setup["counts"]["val"]
+    for key in ("knn_top1", "linear_probe_top1", "knn_top1_random_init", "linear_probe_top1_random_init"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+
+    # the Ray Data actors computed the same features as a local pass over the same dataset
+    src_t, src_v = open_source(f"{data}/train", "files"), open_source(f"{data}/val", "files")
+    xt, yt = extract_labelled_features(setup["model"], eval_dataset(src_t, image_size=32).iter_batches(
+        batch_format="numpy"))
+    xv, yv = extract_labelled_features(setup["model"], eval_dataset(src_v, image_size=32).iter_batches(
+        batch_format="numpy"))
+    assert sorted(set(yt.tolist())) == [0, 1, 2]
+    assert metrics["knn_top1"] == pytest.approx(knn_top1(xt, yt, xv, yv, k=5))
+
+    # recorded: tags on the version and an MLflow run
+    tags = describe("models:/eval-encoder/1", tracking_uri=uri)["tags"]
+    assert float(tags["eval.knn_top1"]) == pytest.approx(metrics["knn_top1"], abs=1e-6)
+    import mlflow
+
+    run = mlflow.MlflowClient(uri).get_run(tags["eval.run_id"])
+    assert run.data.params["train_data"] == f"{data}/train" and run.data.params["model_uri"] == "models:/eval-encoder/1"
+    assert run.data.metrics["knn_top1_random_init"] == pytest.approx(metrics["knn_top1_random_init"])
+
+
+def test_jobs_evaluate_takes_a_config_and_overrides(setup, tmp_path, capsys, quiet_env, monkeypatch):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"data:\n  train_uri: {setup['data']}/train\n  val_uri: {setup['data']}/val\n  image_size: 32\n"
+                   f"model:\n  name: mae_vit_tiny_patch16\nmlflow:\n  tracking_uri: {setup['uri']}\n"
+                   "registry:\n  model_name: eval-encoder\n  alias: current\n")
+    monkeypatch.setattr(sys, "argv", ["jobs/evaluate.py", "--config", str(cfg), "train.knn_k=3", "--no-linear-probe",
+                                      "--no-record", "--json"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "jobs" / "evaluate.py"), run_name="__main__")
+    assert done.value.code == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"knn_top1", "num_train", "num_val"} and "linear_probe_top1" not in metrics
+
+    monkeypatch.setattr(sys, "argv", ["jobs/evaluate.py", "--config", str(cfg), "data.val_uri=null"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "jobs" / "evaluate.py"), run_name="__main__")
+    assert done.value.code == 2 and "--val-data" in capsys.readouterr().err
+
+
+def test_reconstruct_writes_a_png_grid(setup, tmp_path, capsys, quiet_env):
+    out = tmp_path / "recon.png"
+    rc = main(["reconstruct", "--model", "models:/eval-encoder@current", "--data", f"{setup['data']}/val",
+               "--out", str(out), "--num-images", "3", "--tracking-uri", setup["uri"]])
+    assert rc == 0, capsys.readouterr().err
+    img = Image.open(out)
+    assert img.format == "PNG" and img.size == (4 * 32, 3 * 32 + 2 * 2)  # 4 panels wide, 3 rows + separators
+    assert main(["reconstruct", "--model", "models:/eval-encoder@current", "--data", f"{setup['data']}/val",
+                 "--out", str(tmp_path / "x.jpg"), "--tracking-uri", setup["uri"]]) == 2
