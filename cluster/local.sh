@@ -71,15 +71,17 @@ ours() {  # PID $1 is a process of this cluster: our token path in its environme
 }
 
 session_members() {  # PIDs in the sessions led by our `ray start --block` processes (each runs under setsid):
-    # found by session id, never by a program name. When a session's leader is ours, so is every member;
-    # when the leader is gone, each member is checked on its own.
-    local pid sid owner verified=" "
+    # found by session id, never by a program name. A live leader must be ours (our token path or dir); once
+    # a leader is gone, its session id cannot be handed to a new process while any member remains, so every
+    # remaining member is ours.
+    local pid sid owner sids=" "
     for owner in "$@"; do
-        alive "$owner" && ours "$owner" && verified="$verified$owner "
+        if ! alive "$owner" || ours "$owner"; then
+            sids="$sids$owner "
+        fi
     done
     while read -r pid sid; do
-        [[ " $* " == *" $sid "* && "$pid" != "$$" ]] || continue
-        if [[ "$verified" == *" $sid "* ]] || ours "$pid"; then
+        if [[ "$sids" == *" $sid "* && "$pid" != "$$" ]]; then
             echo "$pid"
         fi
     done < <(ps -eo pid=,sid=)
