@@ -149,8 +149,13 @@ def preflight(cfg: Config) -> tuple[Any, Any]:
     if src is not None:
         from mae_service.data import samples_per_rank
 
-        rows = samples_per_rank(src, cfg.train.num_workers, cfg.micro_batch)
-        if rows // cfg.micro_batch // cfg.accum_steps < 1:
+        try:
+            rows = samples_per_rank(src, cfg.train.num_workers, cfg.micro_batch)
+        except ValueError as e:
+            problems.append(f"data.train_uri: {e} (train.num_workers={cfg.train.num_workers}, "
+                            f"micro-batch {cfg.micro_batch})")
+            rows = None
+        if rows is not None and rows // cfg.micro_batch // cfg.accum_steps < 1:
             problems.append(f"data.train_uri={cfg.data.train_uri!r} has {src.num_images} images: too few for one "
                             f"step of train.batch_size={cfg.train.batch_size} on {cfg.train.num_workers} workers")
     if problems:

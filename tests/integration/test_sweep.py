@@ -62,7 +62,7 @@ def test_bad_search_space_fails_before_any_trial(tmp_path):
 
 
 def test_sweep_larger_than_cluster_is_refused(ray_local, tmp_path):
-    synthesize(str(tmp_path / "data"), num_images=40, image_size=32, classes=4, fmt="files", seed=3,
+    synthesize(str(tmp_path / "data"), num_images=200, image_size=32, classes=4, fmt="files", seed=3,
                val_fraction=0.25)
     cfg = build_config({}, [*SWEEP, f"data.train_uri={tmp_path / 'data' / 'train'}",
                             f"data.val_uri={tmp_path / 'data' / 'val'}", f"train.storage_path={tmp_path / 'st'}",
