@@ -98,8 +98,10 @@ def test_register_list_show_download_load(registry, cli, tmp_path):
 
     # download: the whole model folder, verified, with the registry record
     out_dir = tmp_path / "dl"
-    rc, out, err = cli("models", "download", f"models:/{NAME}/1", str(out_dir), "--tracking-uri", uri)
+    rc, out, err = cli("models", "download", f"models:/{NAME}/1", str(out_dir), "--hf", "--tracking-uri", uri)
     assert rc == 0, err
+    hf_config = json.loads((out_dir / "hf" / "config.json").read_text())  # Hugging Face ViTMAE layout
+    assert hf_config["hidden_size"] == 192 and hf_config["image_size"] == 32 and (out_dir / "hf/model.safetensors").is_file()
     for rel in ("MLmodel", "encoder_pyfunc.py", "requirements.txt", "artifacts/encoder.safetensors",
                 "artifacts/mae.safetensors", "artifacts/architecture.json", "registry.json"):
         assert (out_dir / rel).is_file(), rel
