@@ -81,8 +81,12 @@ def check_search_space(cfg: Config) -> None:
 
 
 def trial_resources(cfg: Config) -> float:
-    """CPUs one trial holds: its train workers plus one CPU for its Ray Data decoding."""
-    return cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.data.decode_cpus
+    """CPUs one trial needs to make progress: its train workers plus two Ray Data decode tasks.
+
+    With less, concurrent trials' order-preserving data pipelines can each hold a decode task whose output waits
+    for a task that cannot be scheduled (seen on the two-node local cluster: no trial progressed).
+    """
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + 2 * cfg.data.decode_cpus
 
 
 def _parent_run(cfg: Config, sweep_name: str, tracking_uri: str) -> str:
@@ -161,7 +165,7 @@ def sweep(cfg: Config) -> SweepResult:
     per_trial = trial_resources(cfg)
     if per_trial > cpus:
         raise ConfigError([f"one trial needs {per_trial:g} CPUs (train.num_workers={t.num_workers} × "
-                           f"train.cpus_per_worker={t.cpus_per_worker:g} + data.decode_cpus={cfg.data.decode_cpus:g}); "
+                           f"train.cpus_per_worker={t.cpus_per_worker:g} + 2 × data.decode_cpus={cfg.data.decode_cpus:g}); "
                            f"the cluster has {cpus:g}"])
     if t.use_gpu and ray.cluster_resources().get("GPU", 0.0) < t.num_workers:
         raise ConfigError([f"one trial needs {t.num_workers} GPUs; the cluster has "

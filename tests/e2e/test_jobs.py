@@ -56,7 +56,7 @@ def test_sweep_job(local_cluster, s3_server, s3_bucket, mlflow_server):
     submit(local_cluster, "jobs/sweep.py", "--config", "jobs/configs/sweep_demo.yaml", *TINY,
            f"data.train_uri=s3://{s3_bucket}/data/train", f"data.val_uri=s3://{s3_bucket}/data/val",
            f"train.storage_path=s3://{s3_bucket}/sweeps", "train.run_name=e2e-sweep", "train.epochs=2",
-           "train.eval_every_steps=2", "tune.decoder_embed_dims=[32, 64]", f"mlflow.tracking_uri={mlflow_server.uri}",
+           "train.eval_every_steps=2", "tune.mask_ratios=[0.75]", "tune.decoder_embed_dims=[32, 64]", f"mlflow.tracking_uri={mlflow_server.uri}",
            "mlflow.experiment=e2e-sweep", "registry.model_name=e2e-sweep-encoder")
     client = mlflow.MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("e2e-sweep")
@@ -64,6 +64,6 @@ def test_sweep_job(local_cluster, s3_server, s3_bucket, mlflow_server):
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    assert len(children) == 4
+    assert len(children) == 2
     mv = client.get_model_version_by_alias("e2e-sweep-encoder", "best")
     assert mv.tags["sweep_run_id"] == parents[0].info.run_id
