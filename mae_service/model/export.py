@@ -122,23 +122,22 @@ def to_hf_state_dict(model: MaskedAutoencoder, layout: str = "auto") -> dict[str
     for name in ("decoder_embed", "decoder_norm", "decoder_pred"):
         out[f"decoder.{name}.weight"] = src[f"{name}.weight"]
         out[f"decoder.{name}.bias"] = src[f"{name}.bias"]
-    for i in range(len(model.blocks)):
+    for i in range(model.depth):
         out.update(_hf_block(src, f"blocks.{i}.", f"{enc_layer}{i}.", layout))
-    for i in range(len(model.decoder_blocks)):
+    for i in range(model.decoder_depth):
         out.update(_hf_block(src, f"decoder_blocks.{i}.", f"decoder.decoder_layers.{i}.", layout))
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
 def hf_config(model: MaskedAutoencoder) -> dict[str, Any]:
     """``config.json`` content of the matching ``ViTMAEConfig`` (``ViTMAEConfig(**hf_config(m))`` also works)."""
-    enc, dec = model.blocks[0], model.decoder_blocks[0]
     return {
         "architectures": ["ViTMAEForPreTraining"],
         "model_type": "vit_mae",
         "hidden_size": model.embed_dim,
-        "num_hidden_layers": len(model.blocks),
-        "num_attention_heads": enc.attn.num_heads,
-        "intermediate_size": enc.mlp.fc1.out_features,
+        "num_hidden_layers": model.depth,
+        "num_attention_heads": model.num_heads,
+        "intermediate_size": int(model.embed_dim * model.mlp_ratio),  # timm's Mlp hidden width
         "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
@@ -148,10 +147,10 @@ def hf_config(model: MaskedAutoencoder) -> dict[str, Any]:
         "patch_size": model.patch_size,
         "num_channels": model.in_chans,
         "qkv_bias": True,
-        "decoder_num_attention_heads": dec.attn.num_heads,
+        "decoder_num_attention_heads": model.decoder_num_heads,
         "decoder_hidden_size": model.decoder_embed_dim,
-        "decoder_num_hidden_layers": len(model.decoder_blocks),
-        "decoder_intermediate_size": dec.mlp.fc1.out_features,
+        "decoder_num_hidden_layers": model.decoder_depth,
+        "decoder_intermediate_size": int(model.decoder_embed_dim * model.mlp_ratio),
         "mask_ratio": model.mask_ratio,
         "norm_pix_loss": model.norm_pix_loss,
     }

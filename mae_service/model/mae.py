@@ -111,11 +111,16 @@ class MaskedAutoencoder(nn.Module):
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = float(mlp_ratio)
         self.decoder_embed_dim = decoder_embed_dim
+        self.decoder_depth = decoder_depth
+        self.decoder_num_heads = decoder_num_heads
         self.norm_pix_loss = bool(norm_pix_loss)
         self.mask_ratio = _check_mask_ratio(mask_ratio)
         self.model_args = dict(model_args or {})
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer: Any = partial(nn.LayerNorm, eps=1e-6)
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -306,15 +311,14 @@ class MaskedAutoencoder(nn.Module):
         """``(name, kwargs)`` such that ``timm.create_model(name, pretrained=False, **kwargs)`` is this encoder
         (classifier removed: ``num_classes=0``); load :meth:`encoder_state_dict_timm` into it strictly."""
         name = self.model_args.get("name", "mae_vit_base_patch16")
-        blk = self.blocks[0]
         kwargs = dict(
             img_size=self.img_size,
             patch_size=self.patch_size,
             in_chans=self.in_chans,
             embed_dim=self.embed_dim,
-            depth=len(self.blocks),
-            num_heads=blk.attn.num_heads,
-            mlp_ratio=blk.mlp.fc1.out_features / self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
             qkv_bias=True,
             num_classes=0,
             global_pool="token",

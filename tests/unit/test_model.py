@@ -53,7 +53,7 @@ def test_every_preset_builds_full_size_on_meta_and_runs_shallow(name):
     with torch.device("meta"):  # full depth and width, no memory, no time
         m = create_model(name)
     assert len(m.blocks) == cfg["depth"] and m.embed_dim == cfg["embed_dim"] and m.patch_size == cfg["patch_size"]
-    assert m.blocks[0].attn.num_heads == cfg["num_heads"]
+    assert m.blocks[0].attn.num_heads == cfg["num_heads"] == m.num_heads and m.depth == cfg["depth"]
     assert (m.decoder_embed_dim, len(m.decoder_blocks), m.decoder_blocks[0].attn.num_heads) == (512, 8, 16)
     assert m.num_patches == (224 // cfg["patch_size"]) ** 2 and m.mask_ratio == 0.75
     # the encoder part has exactly the parameters of the matching timm ViT
