@@ -126,21 +126,3 @@ def test_sigkilled_worker_is_recovered(ray_local, local_data, tmp_path):
     assert sorted(loss) == list(range(1, 19))
     assert time.monotonic() > killed_at
 
-
-def test_bad_start_names_every_problem_before_any_cluster_work(s3_server, tmp_path):
-    from mae_service.config import ConfigError
-    from tests.servers import free_port
-
-    cfg = build_config({}, [*TINY, "data.train_uri=s3://no-such-bucket/train", f"data.val_uri={tmp_path / 'none'}",
-                            f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
-                            "train.storage_path=s3://no-such-bucket-either/ck"])
-    t0 = time.monotonic()
-    with pytest.raises(ConfigError) as e:
-        pretrain(cfg)
-    assert time.monotonic() - t0 < 60
-    text = str(e.value)
-    for needle in ("s3://no-such-bucket/train", str(tmp_path / "none"), "mlflow.tracking_uri", "no-such-bucket-either"):
-        assert needle in text, text
-    import ray
-
-    assert not ray.is_initialized()
