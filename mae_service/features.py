@@ -59,8 +59,24 @@ def _image_size(model: nn.Module) -> tuple[int, int] | None:
     return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
 
 
+def _pool(tokens: Tensor, timm_kwargs: dict[str, Any]) -> Tensor:
+    """What timm's ``forward_head(pre_logits=True)`` returns for these tokens (final norm already applied):
+    the class token (``global_pool="token"``) or the mean of the patch tokens (``"avg"`` with ``fc_norm=False``)."""
+    pool = timm_kwargs.get("global_pool", "token")
+    if pool == "token":
+        return tokens[:, 0]
+    if pool == "avg" and timm_kwargs.get("fc_norm") is False:
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"unsupported pooling global_pool={pool!r}, fc_norm={timm_kwargs.get('fc_norm')!r}: "
+                     "allowed token, or avg with fc_norm=False")
+
+
 def _as_uint8_images(imgs: Any) -> Tensor:
-    t = imgs if isinstance(imgs, Tensor) else torch.from_numpy(np.ascontiguousarray(imgs))
+    if isinstance(imgs, Tensor):
+        t = imgs
+    else:
+        arr = np.ascontiguousarray(imgs)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # Ray hands out read-only arrays
     if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[1] != 3:
         raise ValueError(f"images must be uint8 [N, 3, H, W], got {t.dtype} {list(t.shape)}")
     return t
@@ -87,14 +103,7 @@ def embed(model: nn.Module, imgs: Any) -> Tensor:
             if size is not None and tuple(x.shape[-2:]) != size:
                 x = nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
             if is_mae(model):
-                pool = model.timm_architecture()[1].get("global_pool", "token")
-                tokens = model.forward_features(x)  # [N, 1+L, D], final norm applied
-                if pool == "token":
-                    out = tokens[:, 0]
-                elif pool == "avg":
-                    raise ValueError("global_pool='avg' MAE encoders: embed encoder_from_mae(model) instead")
-                else:
-                    raise ValueError(f"unsupported global_pool {pool!r}: allowed token")
+                out = _pool(model.forward_features(x), model.timm_architecture()[1])  # tokens [N, 1+L, D]
             else:
                 out = model(x)
                 if out.ndim != 2:

@@ -82,6 +82,7 @@ def splits_features(datasets: list[Any], encoders: list[Any], *, batch_size: int
     """Embed several datasets (e.g. train and held-out) with several encoders in ONE Ray Data pass: every image is
     read and decoded once. Returns, per dataset, ``([features of encoder 0, encoder 1, …], labels)``."""
     import ray
+    import ray.data
 
     archs, states = [], []
     for enc in encoders:
@@ -91,7 +92,8 @@ def splits_features(datasets: list[Any], encoders: list[Any], *, batch_size: int
     tagged = [ds.map_batches(_add_split, fn_kwargs={"split": i}, batch_format="numpy") for i, ds in enumerate(datasets)]
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     out = ds.map_batches(_Embedder, fn_constructor_kwargs={"archs": archs, "states": states},
-                         batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_cpus=num_cpus)
+                         batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                         compute=ray.data.ActorPoolStrategy(size=concurrency))
     parts: list[dict[str, list[np.ndarray]]] = [{"label": [], **{f"feature_{j}": [] for j in range(len(encoders))}}
                                                 for _ in datasets]
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -24,6 +24,7 @@ def reconstruct_to_file(
 
     Images: the first ``num_images`` of ``data_uri`` in listing order, centre-cropped to the model's size.
     """
+    import numpy as np
     import torch
 
     from mae_service.data import eval_dataset, open_source
@@ -44,7 +45,7 @@ def reconstruct_to_file(
         raise ValueError(f"{data_uri} has no images")
     init_ray()
     batch = eval_dataset(src, image_size=model.img_size).limit(num_images).take_batch(num_images, batch_format="numpy")
-    images = torch.from_numpy(batch["image"])
+    images = torch.from_numpy(np.array(batch["image"]))  # a writable copy of the read-only Ray array
     grid = reconstruction_grid(model, images, mask_ratio=mask_ratio, seed=seed, max_images=num_images)
     grid.save(path, format="PNG")
     logger.info("wrote %s (%d images from %s)", path, images.shape[0], data_uri)

@@ -119,6 +119,16 @@ def test_embed_of_mae_equals_the_exported_timm_encoder_and_restores_mode():
     assert not torch.allclose(a[0], embed(model, imgs[1:2])[0])
 
 
+@pytest.mark.parametrize("pool", [{"global_pool": "token"}, {"global_pool": "avg", "fc_norm": False}])
+def test_embed_follows_the_timm_architectures_pooling(pool, monkeypatch):
+    model = _tiny_mae()
+    name, kwargs = model.timm_architecture()
+    monkeypatch.setattr(model, "timm_architecture", lambda: (name, {**kwargs, **pool}))
+    encoder = encoder_from_mae(model)  # built from the patched architecture: timm pools as configured
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(embed(model, imgs), embed(encoder, imgs), rtol=1e-5, atol=1e-5)
+
+
 def test_embed_resizes_other_sizes_and_rejects_float_input():
     model = _tiny_mae()
     imgs = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
