@@ -6,7 +6,7 @@ shards, in that order, form one stream of all items, and rank ``r`` takes the st
 never overlap, and only the stream's tail (``N - world·n`` items, different ones each epoch) is dropped. A
 shard cut by a rank boundary is read by both ranks, each its part. Within a shard the items are visited in a
 permutation seeded by ``(seed, e, shard)``. A *unit* is ``(epoch, shard, a, b)``: positions ``a..b`` of that
-permutation. A rank's dataset is its units for all epochs in order, one Ray Data task per unit, with
+permutation. A rank's dataset is its units for all epochs in order, a Ray Data task per few units, with
 ``preserve_order`` so rows come out in the planned order; ``start_sample`` drops whole units and trims one,
 so resuming decodes nothing it skips.
 
@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 32
 """Rows per block a task yields (keeps blocks small and streaming)."""
+MIN_TASK_ROWS = 512
+"""Consecutive units are grouped so a Ray Data task decodes at least this many rows: dispatching a task costs
+~0.1-0.2 s of scheduling latency on a busy node, which short tasks cannot amortise."""
 FETCH_THREADS = 16
 _SHARD_SALT, _ITEM_SALT = 0x5348, 0x4954
 
@@ -293,17 +296,22 @@ def _empty(job: _Job):
 
 
 def _dataset(job: _Job, decode_cpus: float):
-    """One task per unit, rows in unit order."""
+    """Tasks of ≥ MIN_TASK_ROWS rows (whole units), rows in unit order."""
     import ray.data
 
     n = len(job.units)
     if n == 0:
         ds = _empty(job)
     else:
-        ds = ray.data.range(n, override_num_blocks=n).map_batches(
+        rows = int((job.units[:, 3] - job.units[:, 2]).sum())
+        per_task = max(1, MIN_TASK_ROWS * n // max(rows, 1))  # units per task
+        ds = ray.data.range(n, override_num_blocks=-(-n // per_task)).map_batches(
             _run_units, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy", num_cpus=decode_cpus,
             zero_copy_batch=True)
-    ds.context.execution_options.preserve_order = True
+    ctx = ds.context  # this dataset's own copy of the DataContext
+    ctx.execution_options.preserve_order = True
+    # One block per yielded chunk (the default 128 MiB would hold a whole unit back until it is done).
+    ctx.target_max_block_size = max(1 << 20, CHUNK_ROWS * 3 * job.image_size**2)
     return ds
 
 
