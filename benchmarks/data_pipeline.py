@@ -62,6 +62,30 @@ def single_process_rate(blobs: list[bytes], crop: int, repeats: int = 2) -> floa
     return best
 
 
+def _decode_all(args: tuple[list[bytes], int]) -> tuple[float, float]:
+    blobs, crop = args
+    from mae_service.data.decode import item_rng, random_resized_crop
+
+    t = time.perf_counter()
+    for i, b in enumerate(blobs):
+        random_resized_crop(b, crop, item_rng(0, 0, i))
+    return t, time.perf_counter()
+
+
+def parallel_rate(blobs: list[bytes], crop: int, procs: int) -> float:
+    """``procs`` plain processes decoding at once (no Ray): what this host's cores really give together."""
+    import multiprocessing as mp
+
+    pool = mp.get_context("spawn").Pool(procs)  # not fork: the parent runs Ray's threads
+    try:
+        pool.map(_decode_all, [(blobs[:50], crop)] * procs)  # warm up
+        spans = pool.map(_decode_all, [(blobs, crop)] * procs)
+    finally:
+        pool.close()
+        pool.join()
+    return procs * len(blobs) / (max(e for _, e in spans) - min(s for s, _ in spans))
+
+
 def draft_gain(crop: int, n: int = 40) -> dict[str, float]:
     """Decode + crop rate on 1024² JPEGs with and without reduced-scale (draft) decoding."""
     from PIL import Image
@@ -219,10 +243,12 @@ def main() -> int:
             ray.data.DataContext.get_current().enable_progress_bars = False
             ray_rate(str(tmp / "files"), "files", args.crop, 1, args.decode_cpus)  # warm up the worker processes
             ideal = single_process_rate(blobs, args.crop, repeats=3) * cpus  # re-measured beside each run: noisy host
+            res[f"parallel_{cpus}_procs_img_s"] = parallel_rate(blobs, args.crop, cpus)
             for name, (uri, fmt) in runs.items():
                 print(f"Ray Data ({cpus} CPUs): {name} ...", file=sys.stderr)
                 r = ray_rate(uri, fmt, args.crop, args.epochs, args.decode_cpus)
-                r.update(cpus=cpus, ideal_img_s=ideal, of_ideal=r["img_s"] / ideal, steady_of_ideal=r["steady_img_s"] / ideal)
+                r.update(cpus=cpus, ideal_img_s=ideal, of_ideal=r["img_s"] / ideal,
+                         steady_of_ideal=r["steady_img_s"] / ideal)
                 res["ray"][f"{name} / {cpus} cpu"] = r
             for kind in ("files", "wds"):
                 if f"{kind} s3 / {cpus} cpu" in res["ray"]:
@@ -267,6 +293,9 @@ def main() -> int:
               f"{r['steady_of_ideal']:>13.2f}{r['first_batch_s']:>12.2f}{r['list_s']:>7.2f}  {r['cpu_workers']:.2f}/"
               f"{r['cpu_driver']:.2f}/{r['cpu_ray_services']:.2f}/{r.get('cpu_s3_server', 0.0):.2f}")
     for key, v in res.items():
+        if key.startswith("parallel_"):
+            n = int(key.split("_")[1])
+            print(f"{n} plain processes decoding at once (no Ray): {v:.0f} img/s = {v / per_core:.2f} × one process")
         if key.startswith("s3_over_local"):
             print(f"{key} (steady): {v:.2f}")
     s = res["stream"]

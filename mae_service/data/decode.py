@@ -178,7 +178,7 @@ def random_resized_crop(data: bytes, size: int, rng: np.random.Generator, *, sca
 
 
 def center_crop(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes → resize the shorter side to ``size`` (bicubic) and take the centre → uint8 ``[3, size, size]``."""
+    """Encoded bytes → shorter side resized to ``size`` (bicubic), centre taken → uint8 ``[3, size, size]``."""
     img = open_image(data, max_pixels=max_pixels)
     full = img.size
     side = min(full)

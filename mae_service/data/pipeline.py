@@ -342,7 +342,7 @@ def train_dataset(src: Source, *, rank: int, world_size: int, image_size: int, s
 
 
 def eval_dataset(src: Source, *, image_size: int, decode_cpus: float = 1.0):
-    """Every image once, in listing order: shorter side resized to ``image_size`` (bicubic), centre crop;
-    columns ``image`` (uint8 ``[3, S, S]``) and ``label``. Bad objects are replaced as in training."""
+    """Every image once, in a fixed order (shard by shard): shorter side resized to ``image_size`` (bicubic),
+    centre crop; columns ``image`` (uint8 ``[3, S, S]``) and ``label``. Bad objects are replaced as in training."""
     units = np.array([(0, i, 0, s.count) for i, s in enumerate(src.shards)], np.int64).reshape(-1, 4)
     return _dataset(_job(src, units, seed=0, image_size=image_size, train=False), decode_cpus)

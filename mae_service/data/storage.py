@@ -72,7 +72,8 @@ def filesystem_for(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileS
         try:
             return pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
-            raise ValueError(f"{uri!r}: unsupported storage URI ({e}); use s3://bucket/prefix or a local path") from None
+            raise ValueError(f"{uri!r}: unsupported storage URI ({e}); use s3://bucket/prefix or a local path") \
+                from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 

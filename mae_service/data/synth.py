@@ -104,8 +104,9 @@ def _draw(cls: str, d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int,
                     d.ellipse((a + m - q, b + m - q, a + m + q, b + m + q), fill=fg)
     elif cls == "spiral":
         turns, rot = rng.uniform(2.0, 3.0), rng.uniform(0, 2 * math.pi)
-        pts = [(cx + r * t / (2 * math.pi * turns) * math.cos(t + rot), cy + r * t / (2 * math.pi * turns) * math.sin(t + rot))
-               for t in np.linspace(0, 2 * math.pi * turns, 120)]
+        ts = np.linspace(0, 2 * math.pi * turns, 120)
+        rad = r * ts / (2 * math.pi * turns)
+        pts = list(zip(cx + rad * np.cos(ts + rot), cy + rad * np.sin(ts + rot), strict=True))
         d.line(pts, fill=fg, width=max(1, line // 2))
     elif cls == "zigzag":
         k = int(rng.integers(3, 6))
