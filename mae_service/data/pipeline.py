@@ -262,7 +262,7 @@ def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str
         rows += 1
         if j == len(images) - 1 or rows == n:
             m = j + 1
-            out = {"image": images[:m].copy(), "label": labels[:m].copy()}
+            out: dict[str, np.ndarray] = {"image": images[:m].copy(), "label": labels[:m].copy()}
             if job.train:
                 out["epoch"] = np.full(m, epoch, np.int64)
                 out["n_bad"] = n_bad[:m].copy()
@@ -306,8 +306,8 @@ def _dataset(job: _Job, decode_cpus: float):
         rows = int((job.units[:, 3] - job.units[:, 2]).sum())
         per_task = max(1, MIN_TASK_ROWS * n // max(rows, 1))  # units per task
         ds = ray.data.range(n, override_num_blocks=-(-n // per_task)).map_batches(
-            _run_units, fn_kwargs={"job": job}, batch_size=None, batch_format="numpy", num_cpus=decode_cpus,
-            zero_copy_batch=True)
+            _run_units,  # type: ignore[arg-type]  # gets job= through fn_kwargs
+            fn_kwargs={"job": job}, batch_size=None, batch_format="numpy", num_cpus=decode_cpus, zero_copy_batch=True)
     ctx = ds.context  # this dataset's own copy of the DataContext
     ctx.execution_options.preserve_order = True
     # One block per yielded chunk (the default 128 MiB would hold a whole unit back until it is done).

@@ -146,7 +146,8 @@ def _rel(root: str, path: str) -> str:
 # ---- files --------------------------------------------------------------------------------------------------
 def _open_files(uri: str, fs: pafs.FileSystem, root: str, shard_size: int) -> tuple[list[Shard], list[str]]:
     infos = _list_files(uri, fs, root)
-    images, other = [], []
+    images: list[tuple[str, str]] = []
+    other: list[tuple[str, str]] = []
     for i in infos:
         rel = _rel(root, i.path)
         if _hidden(rel):
