@@ -198,6 +198,18 @@ def check_resources(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
+def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created if missing (with the embedded sqlite default, its artifacts go to a
+    folder next to the database rather than the current directory)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        artifact_location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
 def _mlflow_run(cfg: Config, run_name: str, resume_run_id: str | None, tags: dict[str, str] | None = None) -> str:
     """Create (or find, for a resumed run) the run's MLflow run; log the resolved config as params."""
     import mlflow
@@ -205,14 +217,7 @@ def _mlflow_run(cfg: Config, run_name: str, resume_run_id: str | None, tags: dic
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is None:
-        artifact_location = None
-        if uri.startswith("sqlite:///"):  # embedded default: artifacts in a folder next to the database
-            artifact_location = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-        exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri)
     if resume_run_id is None:
         found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
         resume_run_id = found[0].info.run_id if found else None

@@ -12,7 +12,6 @@ import copy
 import io
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -93,17 +92,10 @@ def _parent_run(cfg: Config, sweep_name: str, tracking_uri: str) -> str:
     import mlflow
     from mlflow.entities import Param
 
-    from mae_service.train.driver import sanitize_uri
+    from mae_service.train.driver import ensure_experiment, sanitize_uri
 
     client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is None:
-        artifact_location = None
-        if tracking_uri.startswith("sqlite:///"):
-            artifact_location = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
-        exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = ensure_experiment(client, cfg.mlflow.experiment, tracking_uri)
     found = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
                                "tags.`mae.role` = 'sweep'", max_results=1)
     if found:
