@@ -3,7 +3,8 @@
 Pure module (torch + timm, no Ray, no MLflow), used by the trainer's in-training k-NN evaluation and by the
 Ray Data feature extraction of ``mae-service eval``. The embedding of an image is the one the registered
 encoder computes (``mae_service/tracking/encoder_pyfunc.py`` and :func:`mae_service.tracking.load_encoder`):
-ImageNet normalisation, then the ViT's pooled output (the final-norm class token for MAE encoders).
+ImageNet normalisation, then the ViT's pooled output (for MAE encoders: the mean of the final-normed patch
+tokens, ``global_pool="avg"`` with ``fc_norm=False``).
 
 Shapes: ``N`` images, ``L`` patches, ``D`` feature width.
 """

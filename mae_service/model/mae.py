@@ -321,7 +321,12 @@ class MaskedAutoencoder(nn.Module):
             mlp_ratio=self.mlp_ratio,
             qkv_bias=True,
             num_classes=0,
-            global_pool="token",
+            # The pooled embedding is the mean of the final-normed patch tokens: MAE pretrains no objective
+            # on the class token (the paper's fine-tuning recipe pools the patch tokens), and on the k-NN
+            # metric the class token of a short run is no better than random weights. fc_norm=False keeps
+            # the weights' layout (final ``norm.*``, no ``fc_norm.*``), so the same state dict loads strictly.
+            global_pool="avg",
+            fc_norm=False,
         )
         return _TIMM_NAMES.get(name, "vit_base_patch16_224"), kwargs
 

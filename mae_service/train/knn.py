@@ -1,6 +1,6 @@
 """k-NN accuracy of the encoder during training (the sweep objective), computed on rank 0.
 
-Features: the encoder's class token after the final norm (what the registered timm encoder returns), on
+Features: the registered timm encoder's pooled output (:func:`mae_service.features.embed`), on
 deterministic centre crops of a labelled subset of the training data and of the held-out data.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mae_service.model import normalize
+from mae_service.features import embed
 
 
 @torch.no_grad()
@@ -24,8 +24,7 @@ def encode(model: torch.nn.Module, dataset, device: torch.device, *, batch_size:
     model.eval()
     try:
         for batch in dataset.iter_torch_batches(batch_size=batch_size):
-            x = normalize(batch["image"].to(device))
-            feats.append(model.forward_features(x)[:, 0].float().cpu())
+            feats.append(embed(model, batch["image"].to(device)))
             labels.append(batch["label"].cpu())
     finally:
         model.train(was_training)

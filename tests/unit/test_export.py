@@ -38,14 +38,16 @@ def _check_timm_roundtrip(m, enc, size):
         pooled = enc(imgs)
     assert theirs.shape == ours.shape
     assert (ours - theirs).abs().max().item() <= 1e-5
-    torch.testing.assert_close(pooled, ours[:, 0], atol=1e-5, rtol=0)  # num_classes=0: the cls feature
+    # num_classes=0: the pooled feature is the mean of the final-normed patch tokens (global_pool=avg, no fc_norm)
+    assert enc.global_pool == "avg"
+    torch.testing.assert_close(pooled, ours[:, 1:].mean(dim=1), atol=1e-5, rtol=0)
 
 
 def test_timm_export_vit_base_patch16_224_literal_name():
     torch.manual_seed(0)
     m = create_model("mae_vit_base_patch16")
     assert m.timm_architecture()[0] == "vit_base_patch16_224"
-    enc = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    enc = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, global_pool="avg", fc_norm=False)
     result = enc.load_state_dict(m.encoder_state_dict_timm(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     _check_timm_roundtrip(m, enc, 224)
