@@ -9,11 +9,11 @@ same skip/step decision for a non-finite loss, so DDP never waits on a rank that
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -81,17 +81,26 @@ class StepAccounting:
         self.total_steps = min(self.schedule_steps, max_steps) if max_steps else self.schedule_steps
 
 
+class StepResult(NamedTuple):
+    loss: float  # mean over ranks of the step's loss (NaN when the step was skipped)
+    skipped: bool  # some rank's loss was non-finite: every rank skipped the update
+    sums: list[float]  # the caller's ``sums``, added over ranks
+
+
 def optimizer_step(ddp_model: torch.nn.Module, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, micro_batches: list[torch.Tensor], *, cfg: Config,
-                   device: torch.device, rank: int, step: int) -> tuple[float, bool]:
+                   device: torch.device, rank: int, step: int, sums: Sequence[float] = ()) -> StepResult:
     """One optimiser step over ``micro_batches`` (uint8 images) with gradient accumulation.
 
-    Returns (mean loss, skipped). A non-finite loss on any rank makes every rank skip the step together (the flag
-    is all-reduced before backward, so DDP's gradient all-reduce is entered by all ranks or by none).
+    One collective and one host synchronisation per step, whatever the accumulation: the losses stay on the
+    device until the step's single all-reduce, which carries the loss, a non-finite flag and the caller's
+    ``sums`` (bad rows, data-wait seconds). A non-finite loss on any rank makes every rank skip the update
+    together: every rank still runs its backward passes (so DDP's gradient all-reduce is entered by all), and the
+    decision is taken on the all-reduced flag, which is the same number on every rank.
     """
     accum = len(micro_batches)
     ddp = ddp_model is not core
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for micro, images in enumerate(micro_batches):
         imgs = normalize(images.to(device, non_blocking=True))
         noise = mask_noise(imgs.shape[0], core.num_patches, seed=cfg.train.seed, rank=rank, step=step,
@@ -100,16 +109,21 @@ def optimizer_step(ddp_model: torch.nn.Module, core: torch.nn.Module, optimizer:
         with (nullcontext() if sync else ddp_model.no_sync()):
             with autocast_context(cfg, device):
                 loss, _, _ = ddp_model(imgs, noise=noise)
-            finite = _all_reduce(torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0]), dist.ReduceOp.MIN)
-            if finite.item() < 1.0:
-                optimizer.zero_grad(set_to_none=True)
-                return float("nan"), True
             scaler.scale(loss / accum).backward()
-        loss_sum += loss.item() / accum
+        loss_sum += loss.detach().float() / accum
+    bad = (~torch.isfinite(loss_sum)).to(torch.float64)
+    local = torch.cat([torch.stack([torch.nan_to_num(loss_sum.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0),
+                                    bad]),
+                       torch.tensor(list(sums), dtype=torch.float64).to(device)])
+    totals = _all_reduce(local).tolist()  # the step's one host sync
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if totals[1] > 0:
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(float("nan"), True, totals[2:])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, False
+    return StepResult(totals[0] / world, False, totals[2:])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -186,6 +200,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = start_step
     t_last = time.perf_counter()
     wait_acc = 0.0
+    pending_logs: list[Any] = []  # MLflow RunOperations of queued metric batches
+
+    def flush_logs() -> None:
+        for op in pending_logs:
+            try:
+                op.wait()
+            except Exception as e:  # noqa: BLE001 - a lost metric batch must not kill training
+                logger.warning("metrics not logged to MLflow: %s", e)
+        pending_logs.clear()
 
     while step < acct.total_steps:
         lr = lr_at(step, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=acct.schedule_steps, min_lr=t.min_lr)
@@ -198,9 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         bad_rows = sum(int(b["n_bad"].sum()) for b in micro_batches if "n_bad" in b)
         if picture_batch is None and rank == 0:
             picture_batch = micro_batches[0]["image"][:4].clone()
-        loss_mean, skipped = optimizer_step(ddp_model, core, optimizer, scaler, [b["image"] for b in micro_batches],
-                                            cfg=cfg, device=device, rank=rank, step=step)
-        loss_sum = torch.tensor(loss_mean, dtype=torch.float64)
+        res = optimizer_step(ddp_model, core, optimizer, scaler, [b["image"] for b in micro_batches], cfg=cfg,
+                             device=device, rank=rank, step=step, sums=(float(bad_rows), wait_acc))
+        skipped = res.skipped
         if skipped:
             consecutive_bad += 1
             logger.warning("rank %d step %d: non-finite loss, step skipped (%d in a row)", rank, step, consecutive_bad)
@@ -211,23 +234,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             consecutive_bad = 0
         step += 1
 
-        stats = _all_reduce(torch.tensor([loss_sum.item(), float(bad_rows), wait_acc], dtype=torch.float64))
         now = time.perf_counter()
         dt = now - t_last
         t_last, wait_acc = now, 0.0
-        last_loss = stats[0].item() / world
-        total_bad += int(stats[1].item())
+        last_loss = res.loss
+        total_bad += int(res.sums[0])
         metrics = {
             "loss": last_loss, "lr": lr, "epoch": step / acct.steps_per_epoch,
             "images_per_s": acct.rows_per_step * world / dt if dt > 0 else 0.0,
-            "data_wait_frac": min(1.0, stats[2].item() / world / dt) if dt > 0 else 0.0,
+            "data_wait_frac": min(1.0, res.sums[1] / world / dt) if dt > 0 else 0.0,
             "bad_objects": float(total_bad), "skipped_step": float(skipped),
         }
         if skipped:
             del metrics["loss"]
         if client is not None and (step % t.log_every_steps == 0 or step == acct.total_steps):
-            ts = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+            ts = int(time.time() * 1000)  # queued: MLflow's writer thread sends it while the next step runs
+            pending_logs.append(client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step)
+                                                                  for k, v in metrics.items()], synchronous=False))
         if client is not None and picture_batch is not None and (
                 step % t.picture_every_steps == 0 or step == acct.total_steps):
             from mae_service.train.pictures import reconstruction_grid
@@ -252,6 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if client is not None:
                     client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), step)
                                                       for k, v in report.items() if k.startswith("knn")])
+            flush_logs()  # the metrics up to this checkpoint are in MLflow before it exists
             meta = CheckpointMeta(step=step, rows_per_rank=step * acct.rows_per_step, config=cfg.to_dict(),
                                   model_args=dict(core.model_args), mlflow_run_id=run_id, loss=last_loss)
             with tempfile.TemporaryDirectory() as tmp:
@@ -260,6 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None,
                                  checkpoint_dir_name=step_dir_name(step))
 
+    flush_logs()
     if rank == 0 and client is not None and cfg.mlflow.log_system_metrics:
         try:
             mlflow.end_run()

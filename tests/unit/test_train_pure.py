@@ -61,9 +61,10 @@ def _setup():
 def test_optimizer_step_accumulates_like_one_big_batch():
     cfg, model, opt, scaler = _setup()
     imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    loss, skipped = optimizer_step(model, model, opt, scaler, [imgs[:4], imgs[4:]], cfg=cfg,
-                                   device=torch.device("cpu"), rank=0, step=0)
+    loss, skipped, sums = optimizer_step(model, model, opt, scaler, [imgs[:4], imgs[4:]], cfg=cfg,
+                                         device=torch.device("cpu"), rank=0, step=0, sums=(3.0, 0.25))
     assert not skipped and math.isfinite(loss)
+    assert sums == [3.0, 0.25]  # one rank: the caller's numbers come back unchanged
     assert opt.state, "the optimiser stepped"
 
 
@@ -75,7 +76,8 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights():
         p.data.fill_(float("nan"))
     before["decoder_pred.weight"] = model.decoder_pred.weight.clone()
     before["decoder_pred.bias"] = model.decoder_pred.bias.clone()
-    loss, skipped = optimizer_step(model, model, opt, scaler, [bad], cfg=cfg, device=torch.device("cpu"), rank=0, step=0)
+    loss, skipped, _ = optimizer_step(model, model, opt, scaler, [bad], cfg=cfg, device=torch.device("cpu"), rank=0,
+                                      step=0)
     assert skipped and math.isnan(loss)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) or (torch.isnan(v).all() and torch.isnan(before[k]).all()), k
