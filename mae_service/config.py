@@ -246,7 +246,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge defaults ← ``raw`` (nested dict, as in YAML) ← ``overrides``; validate; return the config."""
+    """Merge defaults ← ``$MLFLOW_TRACKING_URI`` ← ``raw`` (nested dict, as in YAML) ← ``overrides``; validate."""
     problems: list[str] = []
     merged: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     raw = raw or {}
@@ -272,6 +272,10 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
             problems.append(f"override {ov!r}: unknown section {sec!r}; allowed: {', '.join(_SECTIONS)}")
             continue
         merged[sec][sub] = value
+    # Like the ``mae-service models`` commands: a tracking URI not given in the file or overrides comes from
+    # $MLFLOW_TRACKING_URI (how clusters hand it out, e.g. the KubeRay Secret), else the embedded default.
+    if "tracking_uri" not in merged["mlflow"] and os.environ.get("MLFLOW_TRACKING_URI"):
+        merged["mlflow"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
 
     sections: dict[str, Any] = {}
     for sec, cls in _section_types().items():

@@ -86,3 +86,17 @@ def test_accumulation():
     assert cfg.micro_batch == 8 and cfg.accum_steps == 4
     with pytest.raises(ConfigError, match="micro_batch_size=5"):
         build_config({}, ["train.batch_size=64", "train.num_workers=2", "train.micro_batch_size=5"])
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert build_config({}).mlflow.tracking_uri == "sqlite:///mlflow.db"  # embedded default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert build_config({}).mlflow.tracking_uri == "http://127.0.0.1:5999"  # the cluster's environment
+    from_file = build_config({"mlflow": {"tracking_uri": "sqlite:///f.db"}})
+    assert from_file.mlflow.tracking_uri == "sqlite:///f.db"  # the file beats the environment
+    assert build_config({"mlflow": {"tracking_uri": "sqlite:///f.db"}},
+                        ["mlflow.tracking_uri=sqlite:///o.db"]).mlflow.tracking_uri == "sqlite:///o.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    with pytest.raises(ConfigError, match="file:///tmp/mlruns"):  # checked like a configured one
+        build_config({})
