@@ -8,6 +8,7 @@ Both are used by the fixtures in ``conftest.py``; scripts and benchmarks may use
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,7 +75,8 @@ class S3Server:
     def __init__(self, log_dir: Path):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_dir / "moto.log", "wb")  # noqa: SIM115
+        self.log_path = log_dir / "moto.log"  # one line per request served
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
         env = {**os.environ, **AWS_TEST_ENV, **QUIET_ENV}
         self.proc = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
@@ -100,6 +102,11 @@ class S3Server:
         except c.exceptions.BucketAlreadyOwnedByYou:
             pass
         return name
+
+    def requests(self, method: str, path_prefix: str) -> int:
+        """How many ``method`` requests for paths starting with ``path_prefix`` (``/bucket/key...``) were served."""
+        text = self.log_path.read_text(errors="replace")
+        return len(re.findall(rf"(?<![A-Z]){method} {re.escape(path_prefix)}\S* HTTP/", text))
 
     def stop(self) -> None:
         stop_pid(self.proc)

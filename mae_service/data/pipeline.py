@@ -10,11 +10,11 @@ permutation. A rank's dataset is its units for all epochs in order, a Ray Data t
 ``preserve_order`` so rows come out in the planned order; ``start_sample`` drops whole units and trims one,
 so resuming decodes nothing it skips.
 
-**Tasks (workers).** A unit's objects are fetched together (loose files: concurrent GETs on a thread pool,
-decoded in order as they arrive; a tar or Parquet row group: one read), decoded and cropped with an RNG seeded
-by ``(seed, epoch, item id)``. A bad object is logged with its key and replaced by the next good item of the
-same shard's permutation (cropped with the original item's RNG), so row counts stay exact; ``n_bad`` says how
-many were replaced for each row. A shard without any good item is an error.
+**Tasks (workers).** A unit's objects are fetched together (loose files: concurrent GETs on a thread pool, one
+request per object on S3, decoded in order as they arrive; a tar or Parquet row group: one read), decoded and
+cropped with an RNG seeded by ``(seed, epoch, item id)``. A bad object is logged with its key and replaced by the
+next good item of the same shard's permutation (cropped with the original item's RNG), so row counts stay exact;
+``n_bad`` says how many were replaced for each row. A shard without any good item is an error.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow.fs as pafs
 
 from mae_service.data.decode import BadImageError, center_crop, item_rng, random_resized_crop
 from mae_service.data.source import Shard, Source, iter_wds_samples, samples_per_rank
-from mae_service.data.storage import filesystem_for
+from mae_service.data.storage import filesystem_for, is_s3, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -128,18 +129,72 @@ def _read_object(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+_client_lock = threading.Lock()
+_clients: dict[tuple[str, str | None], object] = {}
+
+# S3 error codes that no other object of the source would escape: fail the task instead of skipping every image.
+_S3_CREDENTIAL_ERRORS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                         "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "InvalidSecurity"}
+
+
+class _S3Objects:
+    """Whole S3 objects, one GET each. pyarrow's ``open_input_stream`` sends a HEAD and then a GET per object,
+    twice the requests (and, against a slow server, half the objects per second) for loose image files.
+
+    ``read`` raises OSError for an object that cannot be read (missing, or failing after the retries): a bad item,
+    like a corrupt one. Wrong credentials, a missing bucket or an unreachable endpoint raise ValueError naming the
+    source URI, since every other object would fail the same way."""
+
+    def __init__(self, uri: str, s3_endpoint: str | None):
+        self.uri = uri
+        bucket = urlparse(uri).netloc
+        with _client_lock:  # one client per process and source bucket (boto3 clients are thread-safe)
+            key = (bucket, s3_endpoint)
+            if key not in _clients:
+                _clients[key] = s3_client(bucket, s3_endpoint, max_pool_connections=FETCH_THREADS)
+            self.client = _clients[key]
+
+    def _fail(self, path: str, what: str) -> ValueError:
+        return ValueError(f"data source {self.uri!r}: cannot read s3://{path}: {what}")
+
+    def read(self, path: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        bucket, key = path.split("/", 1)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            msg = f"{code or status}: {err.get('Message', '')}".rstrip(": ")
+            if code == "NoSuchBucket":
+                raise self._fail(path, f"{msg} (the bucket does not exist)") from None
+            if code in _S3_CREDENTIAL_ERRORS or status == 403:
+                raise self._fail(path, f"{msg} (check the AWS credentials: AWS_ACCESS_KEY_ID/"
+                                       "AWS_SECRET_ACCESS_KEY or profile)") from None
+            raise OSError(msg) from None  # NoSuchKey (the object vanished since listing), 5xx after retries
+        except NoCredentialsError as e:
+            raise self._fail(path, f"{e} (check the AWS credentials)") from None
+        except EndpointConnectionError as e:
+            raise self._fail(path, f"{e} (check the S3 endpoint: data.s3_endpoint or AWS_ENDPOINT_URL)") from None
+        except BotoCoreError as e:  # read timeouts, truncated bodies, ...
+            raise OSError(str(e)) from None
+
+
 class _FilesReader:
     """Loose files: each item is an object; fetched concurrently, returned in the order asked."""
 
-    def __init__(self, fs: pafs.FileSystem, shard: Shard):
-        self.fs, self.shard = fs, shard
+    def __init__(self, fs: pafs.FileSystem, shard: Shard, s3: _S3Objects | None = None):
+        self.fs, self.shard, self.s3 = fs, shard, s3
 
     def name(self, pos: int) -> str:
         return self.shard.keys[pos]
 
     def _get(self, pos: int) -> tuple[bytes, int]:
+        path = self.shard.keys[pos]
         try:
-            data = _read_object(self.fs, self.shard.keys[pos])
+            data = self.s3.read(path) if self.s3 is not None else _read_object(self.fs, path)
         except OSError as e:  # vanished or unreadable object: a bad item, like a corrupt one
             raise BadImageError(f"cannot read: {e}") from None
         return data, self.shard.labels[pos]
@@ -205,7 +260,7 @@ def _read_row_group(fs: pafs.FileSystem, shard: Shard, image_column: str, label_
 
 def _reader(job: _Job, fs: pafs.FileSystem, shard: Shard):
     if job.fmt == "files":
-        return _FilesReader(fs, shard)
+        return _FilesReader(fs, shard, _S3Objects(job.uri, job.s3_endpoint) if is_s3(job.uri) else None)
     if job.fmt == "wds":
         return _read_tar(fs, shard)
     assert job.image_column is not None

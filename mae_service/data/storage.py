@@ -5,6 +5,9 @@ an S3 bucket take the same code path. S3 settings come from the standard AWS env
 ``AWS_REGION``/``AWS_DEFAULT_REGION``), with the endpoint from the ``s3_endpoint`` argument or
 ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores. Retries and timeouts are kept low so a
 wrong endpoint, wrong credentials or a missing bucket fail in seconds with an error naming the URI.
+
+:func:`s3_client` gives a boto3 client built from the same settings, for reads of whole small objects: pyarrow's
+filesystem sends a HEAD before each GET, which doubles the requests for loose image files.
 """
 
 from __future__ import annotations
@@ -54,6 +57,29 @@ def s3_filesystem(bucket: str = "", s3_endpoint: str | None = None) -> pafs.S3Fi
         kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
         kwargs["scheme"] = parsed.scheme or "https"
     return pafs.S3FileSystem(**kwargs)
+
+
+def s3_endpoint_url(s3_endpoint: str | None = None) -> str | None:
+    """The endpoint (argument, else environment) as a URL; ``https://`` when it names no scheme."""
+    endpoint = s3_endpoint or endpoint_from_env()
+    if not endpoint:
+        return None
+    return endpoint if "://" in endpoint else f"https://{endpoint}"
+
+
+def s3_client(bucket: str = "", s3_endpoint: str | None = None, max_pool_connections: int = 16):
+    """A boto3 S3 client with the endpoint, region, retries and timeouts of :func:`s3_filesystem` (credentials
+    from the standard AWS chain). Thread-safe: share one per process."""
+    import boto3
+    from botocore.config import Config
+
+    url = s3_endpoint_url(s3_endpoint)
+    config = Config(region_name=_region(bucket, url), connect_timeout=S3_CONNECT_TIMEOUT_S,
+                    read_timeout=S3_REQUEST_TIMEOUT_S, retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                    max_pool_connections=max_pool_connections,
+                    # path-style requests, as pyarrow sends them, when the endpoint is an S3-compatible store
+                    s3={"addressing_style": "path"} if url else None)
+    return boto3.session.Session().client("s3", endpoint_url=url, config=config)
 
 
 def filesystem_for(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:

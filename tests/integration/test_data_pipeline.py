@@ -3,9 +3,11 @@ same s3:// code path, labels, bad objects, clear errors, determinism, equal rank
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from mae_service.data import eval_dataset, open_source, samples_per_rank, synthe
 from mae_service.data.pack import pack
 from mae_service.data.synth import CLASSES
 from tests.servers import S3Server
+from tests.unit.test_data_readers import run
 from tests.unit.test_decode import bad_objects
 
 N = 48  # 12 classes × 4, 32 px
@@ -136,7 +139,7 @@ def test_missing_bucket_or_prefix_or_endpoint_fail_fast_naming_the_uri(s3_server
     assert "s3://any-bucket/x" in str(e.value) and time.monotonic() - t < 10
 
 
-def test_wrong_credentials_fail_fast_naming_the_uri(s3_server, tmp_path, monkeypatch):
+def test_wrong_credentials_fail_fast_naming_the_uri(s3_server, data, tmp_path, monkeypatch):
     monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")  # this server checks credentials; ours are unknown
     strict = S3Server(tmp_path)
     try:
@@ -144,5 +147,64 @@ def test_wrong_credentials_fail_fast_naming_the_uri(s3_server, tmp_path, monkeyp
         with pytest.raises(ValueError, match="credentials") as e:
             open_source("s3://some-bucket/images", "files", s3_endpoint=strict.endpoint)
         assert "s3://some-bucket/images" in str(e.value) and time.monotonic() - t < 5
+        # Listed with good credentials, read where they are refused (e.g. a worker without them): the task fails
+        # naming the source, rather than skipping every image as bad.
+        src = dataclasses.replace(open_source(f"{data}/files", "files"), s3_endpoint=strict.endpoint)
+        t = time.monotonic()
+        with pytest.raises(ValueError, match="credentials") as e:
+            run(src, train=True)
+        assert f"{data}/files" in str(e.value) and time.monotonic() - t < 5
+        assert "testing" not in str(e.value)  # the access key id and secret of AWS_TEST_ENV
     finally:
         strict.stop()
+
+
+def _upload(s3_server, local: Path, bucket: str, prefix: str) -> None:
+    c = s3_server.client()
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            c.put_object(Bucket=bucket, Key=f"{prefix}/{f.relative_to(local).as_posix()}", Body=f.read_bytes())
+
+
+def _served(s3_server, bucket: str, prefix: str, want_gets: int) -> tuple[int, int]:
+    """(GET, HEAD) requests served for objects under ``bucket/prefix``, once ``want_gets`` GETs are logged."""
+    path = f"/{bucket}/{prefix}/"
+    deadline = time.monotonic() + 10
+    while s3_server.requests("GET", path) < want_gets and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return s3_server.requests("GET", path), s3_server.requests("HEAD", path)
+
+
+def test_loose_files_from_s3_equal_local_with_one_get_per_object(s3_server, s3_bucket, tmp_path):
+    """The decode tasks' output (run in this process) from S3 is the local one, byte for byte, and every loose
+    object costs the server one GET and no HEAD."""
+    synthesize(str(tmp_path / "img"), num_images=24, image_size=32, classes=4, seed=5)
+    _upload(s3_server, tmp_path / "img", s3_bucket, "img")
+    local = open_source(str(tmp_path / "img"), "files", shard_size=8)
+    remote = open_source(f"s3://{s3_bucket}/img", "files", shard_size=8)
+    assert remote.num_images == local.num_images == 24
+    assert _served(s3_server, s3_bucket, "img", 0) == (0, 0)  # listing requests are not per object
+    for train in (True, False):
+        a, b = run(local, train=train, epochs=2), run(remote, train=train, epochs=2)
+        assert set(a) == set(b)
+        for k in a:
+            assert np.array_equal(a[k], b[k]), (train, k)
+    n = 2 * 24 + 24  # two training epochs and one eval pass
+    assert _served(s3_server, s3_bucket, "img", n) == (n, 0)
+
+
+def test_loose_objects_deleted_after_listing(s3_server, s3_bucket, tmp_path):
+    """A missing key is a bad item (replaced, counted); a missing bucket is an error naming the source."""
+    synthesize(str(tmp_path / "img"), num_images=6, image_size=16, classes=2, seed=6)
+    _upload(s3_server, tmp_path / "img", s3_bucket, "img")
+    src = open_source(f"s3://{s3_bucket}/img", "files")
+    c = s3_server.client()
+    c.delete_object(Bucket=s3_bucket, Key=src.shards[0].keys[0].split("/", 1)[1])
+    cols = run(src, train=True)
+    assert len(cols["image"]) == 6 and (cols["n_bad"] > 0).sum() == 1
+    for key in src.shards[0].keys:
+        c.delete_object(Bucket=s3_bucket, Key=key.split("/", 1)[1])
+    c.delete_bucket(Bucket=s3_bucket)
+    with pytest.raises(ValueError, match="does not exist") as e:
+        run(src, train=True)
+    assert f"s3://{s3_bucket}/img" in str(e.value)
