@@ -145,7 +145,9 @@ def extract_labelled_features(
         if "image" not in batch or "label" not in batch:
             raise ValueError(f"batches must have columns image and label, got {sorted(batch)}")
         feats.append(extract_features(model, [batch["image"]], batch_size=batch_size))
-        labels.append(torch.as_tensor(np.array(batch["label"], dtype=np.int64)).reshape(-1))
+        y = batch["label"]
+        y = y.to(torch.int64) if isinstance(y, Tensor) else torch.as_tensor(np.asarray(y, dtype=np.int64))
+        labels.append(y.reshape(-1).cpu())
     if not feats:
         raise ValueError("extract_labelled_features got no batches")
     return torch.cat(feats), torch.cat(labels)
