@@ -10,34 +10,25 @@ from typing import Any
 
 import torch
 
-from mae_service.features import embed
+from mae_service.features import extract_labelled_features
 
 
-@torch.no_grad()
-def encode(model: torch.nn.Module, dataset, device: torch.device, *, batch_size: int = 128,
+def encode(model: torch.nn.Module, dataset, *, batch_size: int = 128,
            limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N,D], labels [N]) of a Ray Data dataset with columns image (uint8) and label."""
-    feats, labels = [], []
+    """(features [N,D], labels [N]) of a Ray Data dataset with columns image (uint8) and label; the model runs
+    on its own device, in eval mode without gradients (:func:`~mae_service.features.embed`)."""
     if limit is not None:
         dataset = dataset.limit(limit)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in dataset.iter_torch_batches(batch_size=batch_size):
-            feats.append(embed(model, batch["image"].to(device)))
-            labels.append(batch["label"].cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return extract_labelled_features(model, dataset.iter_torch_batches(batch_size=batch_size), batch_size=batch_size)
 
 
-def knn_metrics(model: torch.nn.Module, device: torch.device, spec: dict[str, Any]) -> dict[str, float]:
+def knn_metrics(model: torch.nn.Module, spec: dict[str, Any]) -> dict[str, float]:
     from mae_service.data import eval_dataset
     from mae_service.evaluation import knn_top1
 
     size = spec["image_size"]
-    tr_x, tr_y = encode(model, eval_dataset(spec["train_source"], image_size=size), device, limit=spec["max_train"])
-    va_x, va_y = encode(model, eval_dataset(spec["val_source"], image_size=size), device)
+    tr_x, tr_y = encode(model, eval_dataset(spec["train_source"], image_size=size), limit=spec["max_train"])
+    va_x, va_y = encode(model, eval_dataset(spec["val_source"], image_size=size))
     keep = tr_y >= 0
     if keep.sum() == 0 or (va_y >= 0).sum() == 0:
         return {}

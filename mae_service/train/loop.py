@@ -271,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if evaluate and rank == 0:  # the other ranks wait at report(), a barrier
                 from mae_service.train.knn import knn_metrics
 
-                report.update(knn_metrics(core, device, config["knn"]))
+                report.update(knn_metrics(core, config["knn"]))
                 if client is not None:
                     client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), step)
                                                       for k, v in report.items() if k.startswith("knn")])
