@@ -3,7 +3,6 @@ rank makes both ranks skip the update together, without a hang, and the ranks st
 all-reduce adds the callers' numbers over the ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,9 +12,8 @@ import torch.multiprocessing as mp
 from mae_service.config import build_config
 from mae_service.train.loop import build_model, optimizer_step
 from mae_service.train.schedule import make_optimizer
-
-TINY = ["model.name=mae_vit_tiny_patch16", "data.image_size=32", "model.patch_size=8", "model.decoder_embed_dim=32",
-        "model.decoder_depth=1", "model.decoder_num_heads=4", "train.batch_size=8", "train.num_workers=2"]
+from tests.servers import free_port
+from tests.unit.test_train_pure import TINY
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -23,7 +21,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
-        cfg = build_config({}, TINY)
+        cfg = build_config({}, [*TINY, "train.num_workers=2"])
         torch.manual_seed(0)
         core = build_model(cfg)
         ddp = torch.nn.parallel.DistributedDataParallel(core)
@@ -52,15 +50,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_non_finite_loss_on_one_rank_skips_on_every_rank(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     (loss0, skipped0, sums0), (loss1, skipped1, sums1) = r0["results"][0], r1["results"][0]
     assert not skipped0 and not skipped1 and loss0 == loss1  # the mean over ranks, the same number on both
