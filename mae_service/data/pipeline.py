@@ -33,7 +33,16 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from mae_service.data.decode import BadImageError, center_crop, item_rng, random_resized_crop
-from mae_service.data.source import Shard, Source, iter_wds_samples, samples_per_rank
+from mae_service.data.source import (
+    HINT_CREDENTIALS,
+    HINT_ENDPOINT,
+    HINT_NO_BUCKET,
+    Shard,
+    Source,
+    iter_wds_samples,
+    samples_per_rank,
+    source_error,
+)
 from mae_service.data.storage import filesystem_for, is_s3, s3_client
 
 logger = logging.getLogger(__name__)
@@ -155,7 +164,7 @@ class _S3Objects:
             self.client = _clients[key]
 
     def _fail(self, path: str, what: str) -> ValueError:
-        return ValueError(f"data source {self.uri!r}: cannot read s3://{path}: {what}")
+        return source_error(self.uri, f"cannot read s3://{path}: {what}")
 
     def read(self, path: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
@@ -169,15 +178,14 @@ class _S3Objects:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             msg = f"{code or status}: {err.get('Message', '')}".rstrip(": ")
             if code == "NoSuchBucket":
-                raise self._fail(path, f"{msg} (the bucket does not exist)") from None
+                raise self._fail(path, f"{msg} ({HINT_NO_BUCKET})") from None
             if code in _S3_CREDENTIAL_ERRORS or status == 403:
-                raise self._fail(path, f"{msg} (check the AWS credentials: AWS_ACCESS_KEY_ID/"
-                                       "AWS_SECRET_ACCESS_KEY or profile)") from None
+                raise self._fail(path, f"{msg} ({HINT_CREDENTIALS})") from None
             raise OSError(msg) from None  # NoSuchKey (the object vanished since listing), 5xx after retries
         except NoCredentialsError as e:
-            raise self._fail(path, f"{e} (check the AWS credentials)") from None
+            raise self._fail(path, f"{e} ({HINT_CREDENTIALS})") from None
         except EndpointConnectionError as e:
-            raise self._fail(path, f"{e} (check the S3 endpoint: data.s3_endpoint or AWS_ENDPOINT_URL)") from None
+            raise self._fail(path, f"{e} ({HINT_ENDPOINT})") from None
         except BotoCoreError as e:  # read timeouts, truncated bodies, ...
             raise OSError(str(e)) from None
 

@@ -99,8 +99,17 @@ class Source:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-def _fail(uri: str, what: str) -> ValueError:
+# What to check, appended to S3 errors (listing here, object reads in the pipeline).
+HINT_CREDENTIALS = "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or profile)"
+HINT_NO_BUCKET = "the bucket does not exist"
+HINT_ENDPOINT = "check the S3 endpoint (data.s3_endpoint or AWS_ENDPOINT_URL)"
+
+
+def source_error(uri: str, what: str) -> ValueError:
+    """The error for a data source that cannot be used: names the URI."""
     return ValueError(f"data source {uri!r}: {what}")
+
+
 
 
 def _describe_os_error(e: OSError) -> str:
@@ -109,11 +118,11 @@ def _describe_os_error(e: OSError) -> str:
     low = msg.lower()
     if "access_denied" in low or "accessdenied" in low or "forbidden" in low or "invalidaccesskeyid" in low \
             or "signature" in low or "403" in low:
-        hints.append("check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or profile)")
+        hints.append(HINT_CREDENTIALS)
     if "nosuchbucket" in low or "no_such_bucket" in low or "bucket does not exist" in low:
-        hints.append("the bucket does not exist")
+        hints.append(HINT_NO_BUCKET)
     if "connect" in low or "timeout" in low or "resolve" in low or "network" in low:
-        hints.append("check the S3 endpoint (data.s3_endpoint or AWS_ENDPOINT_URL)")
+        hints.append(HINT_ENDPOINT)
     return msg + (f" ({'; '.join(hints)})" if hints else "")
 
 
@@ -125,13 +134,13 @@ def _list_files(uri: str, fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]
             if isinstance(fs, pafs.S3FileSystem):
                 bucket = root.split("/", 1)[0]
                 if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                    raise _fail(uri, f"bucket {bucket!r} does not exist (or is not visible with these credentials)")
-            raise _fail(uri, "nothing found at this location")
+                    raise source_error(uri, f"bucket {bucket!r} does not exist (or is not visible with these credentials)")
+            raise source_error(uri, "nothing found at this location")
         if info.type == pafs.FileType.File:
             return [info]
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
-        raise _fail(uri, f"cannot list: {_describe_os_error(e)}") from None
+        raise source_error(uri, f"cannot list: {_describe_os_error(e)}") from None
     return [i for i in infos if i.type == pafs.FileType.File]
 
 
@@ -156,7 +165,7 @@ def _open_files(uri: str, fs: pafs.FileSystem, root: str, shard_size: int) -> tu
     if other:
         logger.warning("%s: ignoring %d non-image files (e.g. %s)", uri, len(other), ", ".join(r for r, _ in other[:3]))
     if not images:
-        raise _fail(uri, f"no images found (format 'files' looks for {', '.join(IMAGE_EXTS)} files under it)")
+        raise source_error(uri, f"no images found (format 'files' looks for {', '.join(IMAGE_EXTS)} files under it)")
     images.sort()
     folders = [rel.split("/", 1)[0] if "/" in rel else None for rel, _ in images]
     class_names = sorted({f for f in folders if f is not None})
@@ -239,7 +248,7 @@ def _open_wds(uri: str, fs: pafs.FileSystem, root: str) -> tuple[list[Shard], li
     tars = sorted(i.path for i in infos if i.path.endswith((".tar", ".tar.gz", ".tgz"))
                   and not _hidden(_rel(root, i.path)))
     if not tars:
-        raise _fail(uri, "no .tar shards found (format 'wds')")
+        raise source_error(uri, "no .tar shards found (format 'wds')")
     single = len(infos) == 1 and infos[0].path == root
     index = {} if single else _read_index(fs, root)
     known = {f"{root}/{name}": int(c) for name, c in (index.get("shards") or {}).items()}
@@ -252,7 +261,7 @@ def _open_wds(uri: str, fs: pafs.FileSystem, root: str) -> tuple[list[Shard], li
                 for t, c in zip(missing, pool.map(lambda p: _count_tar(fs, p), missing), strict=True):
                     known[t] = c
         except (OSError, tarfile.TarError, EOFError) as e:
-            raise _fail(uri, f"cannot read tar shards: {e}") from None
+            raise source_error(uri, f"cannot read tar shards: {e}") from None
     shards, first = [], 0
     for t in tars:
         if known[t] == 0:
@@ -261,7 +270,7 @@ def _open_wds(uri: str, fs: pafs.FileSystem, root: str) -> tuple[list[Shard], li
         shards.append(Shard(path=t, count=known[t], first_id=first))
         first += known[t]
     if not shards:
-        raise _fail(uri, "no images found in the tar shards")
+        raise source_error(uri, "no images found in the tar shards")
     return shards, list(index.get("class_names") or [])
 
 
@@ -314,7 +323,7 @@ def _open_parquet(uri: str, fs: pafs.FileSystem, root: str) -> tuple[list[Shard]
     infos = _list_files(uri, fs, root)
     files = sorted(i.path for i in infos if i.path.endswith((".parquet", ".pq")) and not _hidden(_rel(root, i.path)))
     if not files:
-        raise _fail(uri, "no .parquet files found (format 'parquet')")
+        raise source_error(uri, "no .parquet files found (format 'parquet')")
 
     def footer(path: str):
         with fs.open_input_file(path) as f:
@@ -324,11 +333,11 @@ def _open_parquet(uri: str, fs: pafs.FileSystem, root: str) -> tuple[list[Shard]
         with ThreadPoolExecutor(16) as pool:
             metas = list(pool.map(footer, files))
     except (OSError, ValueError) as e:
-        raise _fail(uri, f"cannot read Parquet footers: {e}") from None
+        raise source_error(uri, f"cannot read Parquet footers: {e}") from None
     schema = metas[0].schema.to_arrow_schema()
     image_col = _image_column(schema)
     if image_col is None:
-        raise _fail(uri, f"no image-bytes column in {files[0]!r}: looked for a binary column named one of "
+        raise source_error(uri, f"no image-bytes column in {files[0]!r}: looked for a binary column named one of "
                          f"{', '.join(PARQUET_IMAGE_COLUMNS)}; columns are {', '.join(schema.names)}")
     label_col = _label_column(schema)
     shards, first = [], 0
@@ -339,7 +348,7 @@ def _open_parquet(uri: str, fs: pafs.FileSystem, root: str) -> tuple[list[Shard]
                 shards.append(Shard(path=path, count=n, first_id=first, row_group=rg))
                 first += n
     if not shards:
-        raise _fail(uri, "the Parquet files hold no rows")
+        raise source_error(uri, "the Parquet files hold no rows")
     return shards, _parquet_class_names(schema.metadata, label_col), image_col, label_col
 
 
