@@ -145,8 +145,8 @@ def extract_labelled_features(
         if "image" not in batch or "label" not in batch:
             raise ValueError(f"batches must have columns image and label, got {sorted(batch)}")
         feats.append(extract_features(model, [batch["image"]], batch_size=batch_size))
-        y = batch["label"]
-        y = y.to(torch.int64) if isinstance(y, Tensor) else torch.as_tensor(np.asarray(y, dtype=np.int64))
+        y = batch["label"]  # np.array copies: Ray hands out read-only arrays
+        y = y.to(torch.int64) if isinstance(y, Tensor) else torch.from_numpy(np.array(y, dtype=np.int64))
         labels.append(y.reshape(-1).cpu())
     if not feats:
         raise ValueError("extract_labelled_features got no batches")
