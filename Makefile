@@ -26,8 +26,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mae_service demo
 
-test: $(STAMP)
-	$(BIN)/ruff check mae_service jobs tests benchmarks
+test: lint
 	$(BIN)/python -m pytest tests
 
 test-unit: $(STAMP)
@@ -41,6 +40,8 @@ test-e2e: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mae_service jobs tests benchmarks
+	$(BIN)/ruff format --check mae_service jobs tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 clean:

@@ -32,8 +32,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "AWS_EC2_METADATA_DISABLED": "true", "DO_NOT_TRACK": "true",
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "DO_NOT_TRACK": "true",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
     os.environ.setdefault(_k, _v)
 
 
@@ -133,8 +138,9 @@ def ray_rate(uri: str, fmt: str, crop: int, epochs: int, decode_cpus: float) -> 
     t0 = time.perf_counter()
     src = open_source(uri, fmt)
     t_list = time.perf_counter() - t0
-    ds = train_dataset(src, rank=0, world_size=1, image_size=crop, seed=0, batch_size=8, epochs=epochs,
-                       decode_cpus=decode_cpus)
+    ds = train_dataset(
+        src, rank=0, world_size=1, image_size=crop, seed=0, batch_size=8, epochs=epochs, decode_cpus=decode_cpus
+    )
     n = n_warm = 0
     cpu0 = cpu_seconds()
     t = time.perf_counter()
@@ -149,8 +155,15 @@ def ray_rate(uri: str, fmt: str, crop: int, epochs: int, decode_cpus: float) -> 
     cpu1 = cpu_seconds()
     cpu = {f"cpu_{k}": (cpu1[k] - cpu0.get(k, 0.0)) / (end - t) for k in cpu1}  # cores busy, on average
     steady = (n - n_warm) / (end - t_warm) if t_warm and end > t_warm else n / (end - t)
-    return {"images": n, "seconds": end - t, "img_s": n / (end - t), "steady_img_s": steady,
-            "first_batch_s": first or 0.0, "list_s": t_list, **cpu}
+    return {
+        "images": n,
+        "seconds": end - t,
+        "img_s": n / (end - t),
+        "steady_img_s": steady,
+        "first_batch_s": first or 0.0,
+        "list_s": t_list,
+        **cpu,
+    }
 
 
 class MemorySampler(threading.Thread):
@@ -195,8 +208,13 @@ def main() -> int:
     ap.add_argument("--num-images", type=int, default=1000)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--crop", type=int, default=224)
-    ap.add_argument("--cpus", type=int, nargs="+", default=[1, os.cpu_count() or 2],
-                    help="logical CPUs given to Ray (all for Ray Data), one run each")
+    ap.add_argument(
+        "--cpus",
+        type=int,
+        nargs="+",
+        default=[1, os.cpu_count() or 2],
+        help="logical CPUs given to Ray (all for Ray Data), one run each",
+    )
     ap.add_argument("--decode-cpus", type=float, default=1.0)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per throughput run")
     ap.add_argument("--stream-epochs", type=int, default=6)
@@ -209,9 +227,13 @@ def main() -> int:
 
     from mae_service.data.synth import write_items
 
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                 "load_avg_at_start": os.getloadavg()[0],
-                 "num_images": args.num_images, "image_size": args.image_size, "crop": args.crop}
+    res: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_avg_at_start": os.getloadavg()[0],
+        "num_images": args.num_images,
+        "image_size": args.image_size,
+        "crop": args.crop,
+    }
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     items = make_items(args.num_images, args.image_size)
     blobs = [b for _, b, _, _ in items]
@@ -238,8 +260,13 @@ def main() -> int:
     try:
         res["ray"] = {}
         for cpus in args.cpus:
-            ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                     object_store_memory=512 << 20, log_to_driver=False)
+            ray.init(
+                num_cpus=cpus,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                object_store_memory=512 << 20,
+                log_to_driver=False,
+            )
             ray.data.DataContext.get_current().enable_progress_bars = False
             ray_rate(str(tmp / "files"), "files", args.crop, 1, args.decode_cpus)  # warm up the worker processes
             ideal = single_process_rate(blobs, args.crop, repeats=3) * cpus  # re-measured beside each run: noisy host
@@ -247,18 +274,26 @@ def main() -> int:
             for name, (uri, fmt) in runs.items():
                 print(f"Ray Data ({cpus} CPUs): {name} ...", file=sys.stderr)
                 r = ray_rate(uri, fmt, args.crop, args.epochs, args.decode_cpus)
-                r.update(cpus=cpus, ideal_img_s=ideal, of_ideal=r["img_s"] / ideal,
-                         steady_of_ideal=r["steady_img_s"] / ideal)
+                r.update(
+                    cpus=cpus, ideal_img_s=ideal, of_ideal=r["img_s"] / ideal, steady_of_ideal=r["steady_img_s"] / ideal
+                )
                 res["ray"][f"{name} / {cpus} cpu"] = r
             for kind in ("files", "wds"):
                 if f"{kind} s3 / {cpus} cpu" in res["ray"]:
-                    res[f"s3_over_local_{kind}_{cpus}cpu"] = (res["ray"][f"{kind} s3 / {cpus} cpu"]["steady_img_s"]
-                                                            / res["ray"][f"{kind} local / {cpus} cpu"]["steady_img_s"])
+                    res[f"s3_over_local_{kind}_{cpus}cpu"] = (
+                        res["ray"][f"{kind} s3 / {cpus} cpu"]["steady_img_s"]
+                        / res["ray"][f"{kind} local / {cpus} cpu"]["steady_img_s"]
+                    )
             ray.shutdown()
 
         print(f"streaming {args.stream_epochs} epochs through a {args.store_mb} MiB object store ...", file=sys.stderr)
-        ray.init(num_cpus=max(args.cpus), _node_ip_address="127.0.0.1", include_dashboard=False,
-                 object_store_memory=args.store_mb << 20, log_to_driver=False)
+        ray.init(
+            num_cpus=max(args.cpus),
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            object_store_memory=args.store_mb << 20,
+            log_to_driver=False,
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
         baseline = MemorySampler()
         baseline.start()
@@ -269,29 +304,43 @@ def main() -> int:
         r = ray_rate(str(tmp / "files"), "files", args.crop, args.stream_epochs, args.decode_cpus)
         sampler.stop()
         ray.shutdown()
-        res["stream"] = {**r, "decoded_mib": r["images"] * 3 * args.crop**2 / 2**20, "store_mib": args.store_mb,
-                         "peak_store_mib": sampler.peak_store / 2**20, "spilled_mib": sampler.spilled / 2**20,
-                         "peak_pss_mib": sampler.peak_pss / 2**20, "idle_pss_mib": baseline.peak_pss / 2**20,
-                         "samples": sampler.samples}
+        res["stream"] = {
+            **r,
+            "decoded_mib": r["images"] * 3 * args.crop**2 / 2**20,
+            "store_mib": args.store_mb,
+            "peak_store_mib": sampler.peak_store / 2**20,
+            "spilled_mib": sampler.spilled / 2**20,
+            "peak_pss_mib": sampler.peak_pss / 2**20,
+            "idle_pss_mib": baseline.peak_pss / 2**20,
+            "samples": sampler.samples,
+        }
     finally:
         if ray.is_initialized():
             ray.shutdown()
         if s3 is not None:
             s3.stop()
 
-    print(f"\nmachine: {res['machine']} (load average {res['load_avg_at_start']:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end); {args.num_images} × {args.image_size}² JPEG "
-          f"({res['mean_jpeg_kb']:.0f} KiB avg) → {args.crop}² crop")
+    print(
+        f"\nmachine: {res['machine']} (load average {res['load_avg_at_start']:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end); {args.num_images} × {args.image_size}² JPEG "
+        f"({res['mean_jpeg_kb']:.0f} KiB avg) → {args.crop}² crop"
+    )
     print(f"decode+crop, one process: {per_core:.0f} img/s per core")
     d = res["draft_1024"]
-    print(f"1024² JPEG → {args.crop}²: {d['img_s_draft']:.0f} img/s with draft vs {d['img_s_full_decode']:.0f} "
-          f"full decode ({d['speedup']:.1f}×)")
-    print(f"{'source / CPUs for Ray':<22}{'ideal':>7}{'img/s':>7}{'steady':>8}{'of ideal':>9}{'steady/ideal':>13}"
-          f"{'1st batch s':>12}{'list s':>7}  cores busy: workers/driver/ray/s3")
+    print(
+        f"1024² JPEG → {args.crop}²: {d['img_s_draft']:.0f} img/s with draft vs {d['img_s_full_decode']:.0f} "
+        f"full decode ({d['speedup']:.1f}×)"
+    )
+    print(
+        f"{'source / CPUs for Ray':<22}{'ideal':>7}{'img/s':>7}{'steady':>8}{'of ideal':>9}{'steady/ideal':>13}"
+        f"{'1st batch s':>12}{'list s':>7}  cores busy: workers/driver/ray/s3"
+    )
     for name, r in res["ray"].items():
-        print(f"{name:<22}{r['ideal_img_s']:>7.0f}{r['img_s']:>7.0f}{r['steady_img_s']:>8.0f}{r['of_ideal']:>9.2f}"
-              f"{r['steady_of_ideal']:>13.2f}{r['first_batch_s']:>12.2f}{r['list_s']:>7.2f}  {r['cpu_workers']:.2f}/"
-              f"{r['cpu_driver']:.2f}/{r['cpu_ray_services']:.2f}/{r.get('cpu_s3_server', 0.0):.2f}")
+        print(
+            f"{name:<22}{r['ideal_img_s']:>7.0f}{r['img_s']:>7.0f}{r['steady_img_s']:>8.0f}{r['of_ideal']:>9.2f}"
+            f"{r['steady_of_ideal']:>13.2f}{r['first_batch_s']:>12.2f}{r['list_s']:>7.2f}  {r['cpu_workers']:.2f}/"
+            f"{r['cpu_driver']:.2f}/{r['cpu_ray_services']:.2f}/{r.get('cpu_s3_server', 0.0):.2f}"
+        )
     for key, v in res.items():
         if key.startswith("parallel_"):
             n = int(key.split("_")[1])
@@ -299,10 +348,12 @@ def main() -> int:
         if key.startswith("s3_over_local"):
             print(f"{key} (steady): {v:.2f}")
     s = res["stream"]
-    print(f"streaming: {s['images']} images ({s['decoded_mib']:.0f} MiB decoded) through a {s['store_mib']} MiB "
-          f"object store at {s['img_s']:.0f} img/s: peak store {s['peak_store_mib']:.0f} MiB, spilled "
-          f"{s['spilled_mib']:.0f} MiB, peak PSS (driver + Ray) {s['peak_pss_mib']:.0f} MiB (idle Ray: "
-          f"{s['idle_pss_mib']:.0f} MiB)")
+    print(
+        f"streaming: {s['images']} images ({s['decoded_mib']:.0f} MiB decoded) through a {s['store_mib']} MiB "
+        f"object store at {s['img_s']:.0f} img/s: peak store {s['peak_store_mib']:.0f} MiB, spilled "
+        f"{s['spilled_mib']:.0f} MiB, peak PSS (driver + Ray) {s['peak_pss_mib']:.0f} MiB (idle Ray: "
+        f"{s['idle_pss_mib']:.0f} MiB)"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))

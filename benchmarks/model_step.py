@@ -88,6 +88,7 @@ def make_variants(name: str, overrides: dict, imgs: torch.Tensor, compile_: bool
             opt.zero_grad(set_to_none=True)
             model(pixel_values=imgs).loss.backward()
             opt.step()
+
         return step
 
     def ours_step(fn, opt):
@@ -95,6 +96,7 @@ def make_variants(name: str, overrides: dict, imgs: torch.Tensor, compile_: bool
             opt.zero_grad(set_to_none=True)
             fn(imgs, return_pred=False)[0].backward()  # prediction head on removed patches only
             opt.step()
+
         return step
 
     variants = {
@@ -112,7 +114,8 @@ def make_variants(name: str, overrides: dict, imgs: torch.Tensor, compile_: bool
             got_c = compiled(imgs, noise=noise, return_pred=False)[0].item()
         assert abs(ref - got_c) <= 1e-5, f"compiled loss differs from HF: {got_c} vs {ref}"
         variants["ours (torch.compile, fused AdamW)"] = ours_step(
-            compiled, torch.optim.AdamW(trainable(twin), lr=1e-4, fused=True))
+            compiled, torch.optim.AdamW(trainable(twin), lr=1e-4, fused=True)
+        )
     variants["_flops"] = step_flops(ours, imgs)  # type: ignore[assignment]
     return variants
 
@@ -138,9 +141,11 @@ def run_config(label: str, name: str, overrides: dict, batch: int, rounds: int, 
             times[key].append(time.perf_counter() - t)
     peak = statistics.median(gemm)
     hf_ips = batch / statistics.median(times["hf (AdamW default)"])
-    print(f"\n{label}: {flops / batch / 1e9:.1f} GFLOP/image per step, fp32 GEMM {peak / 1e9:.0f} GFLOP/s "
-          f"(median of {rounds}, range {min(gemm) / 1e9:.0f}–{max(gemm) / 1e9:.0f}), torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"\n{label}: {flops / batch / 1e9:.1f} GFLOP/image per step, fp32 GEMM {peak / 1e9:.0f} GFLOP/s "
+        f"(median of {rounds}, range {min(gemm) / 1e9:.0f}–{max(gemm) / 1e9:.0f}), torch threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"  {'variant':38s} {'img/s':>7s} {'× hf':>6s} {'eff.':>6s}   per-round img/s")
     rows = []
     for key, ts in times.items():
@@ -163,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         configs = {k: v for k, v in configs.items() if k.lower().replace("/", "").startswith("vit-" + args.only)}
     rounds = args.rounds or (2 if args.quick else 4)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads; "
-          f"{rounds} interleaved rounds per config")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads; "
+        f"{rounds} interleaved rounds per config"
+    )
     for label, (name, overrides, batch) in configs.items():
         print(f"\n== {label} ({name} {overrides or ''}, norm_pix_loss, mask ratio 0.75)", flush=True)
         run_config(label, name, overrides, batch, rounds, warmup=1 if args.quick else 2, compile_=args.compile)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--images 2000] [--image-size 64] [--batch 64] [--steps 40]
 
-1. Model-only: the same optimiser step the trainer runs (``mae_service.train.loop.optimizer_step``) on random uint8
+1. Model-only: the same optimiser step the trainer runs (``mae_service.train.step.optimizer_step``) on random uint8
    batches already in memory, in this process, with the same thread count a Ray Train worker gets
    (``OMP_NUM_THREADS`` = ``train.cpus_per_worker``).
 2. Trainer: ``mae_service.train.driver.pretrain`` on a local Ray (one worker, no DDP peer to wait for), data decoded
@@ -23,8 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-             "HF_HUB_OFFLINE": "1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+for k, v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
     os.environ.setdefault(k, v)
 
 
@@ -44,18 +49,31 @@ def main() -> None:
     from mae_service.config import build_config
     from mae_service.data.synth import synthesize
     from mae_service.train.driver import pretrain
-    from mae_service.train.loop import build_model, optimizer_step
     from mae_service.train.schedule import make_optimizer
+    from mae_service.train.step import build_model, optimizer_step
 
     tmp = Path(tempfile.mkdtemp(prefix="mae-bench-"))
     synthesize(str(tmp / "data"), num_images=args.images, image_size=96, classes=10, fmt="files", seed=0)
-    overrides = [f"model.name={args.model}", f"model.patch_size={args.patch}", f"data.image_size={args.image_size}",
-                 "model.decoder_embed_dim=256", "model.decoder_depth=2", "model.decoder_num_heads=8",
-                 "train.num_workers=1", f"train.batch_size={args.batch}", "train.epochs=1", "train.warmup_epochs=0",
-                 f"data.train_uri={tmp / 'data'}", f"train.storage_path={tmp / 'ck'}", "train.run_name=bench",
-                 f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "registry.register=false",
-                 "train.checkpoint_every_steps=100000", "train.picture_every_steps=100000",
-                 "mlflow.log_system_metrics=false"]
+    overrides = [
+        f"model.name={args.model}",
+        f"model.patch_size={args.patch}",
+        f"data.image_size={args.image_size}",
+        "model.decoder_embed_dim=256",
+        "model.decoder_depth=2",
+        "model.decoder_num_heads=8",
+        "train.num_workers=1",
+        f"train.batch_size={args.batch}",
+        "train.epochs=1",
+        "train.warmup_epochs=0",
+        f"data.train_uri={tmp / 'data'}",
+        f"train.storage_path={tmp / 'ck'}",
+        "train.run_name=bench",
+        f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        "registry.register=false",
+        "train.checkpoint_every_steps=100000",
+        "train.picture_every_steps=100000",
+        "mlflow.log_system_metrics=false",
+    ]
     cfg = build_config({}, overrides)
 
     # 1. model-only, timed before and after the trainer (the host is shared: the two brackets show the drift)
@@ -82,17 +100,24 @@ def main() -> None:
     # 2. the trainer, fed by Ray Data
     result = pretrain(cfg)
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    ips = [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, "images_per_s"), key=lambda m: m.step)]
-    wait = [m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, "data_wait_frac"),
-                                    key=lambda m: m.step)]
+    ips = [
+        m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, "images_per_s"), key=lambda m: m.step)
+    ]
+    wait = [
+        m.value for m in sorted(client.get_metric_history(result.mlflow_run_id, "data_wait_frac"), key=lambda m: m.step)
+    ]
     steady = ips[3:] or ips
     trainer = statistics.median(steady)
     after = model_only()
     best = max(before, after)
-    print(f"config: {args.model} patch {args.patch} img {args.image_size} batch {args.batch}, {threads} thread(s), "
-          f"{len(ips)} trainer steps")
+    print(
+        f"config: {args.model} patch {args.patch} img {args.image_size} batch {args.batch}, {threads} thread(s), "
+        f"{len(ips)} trainer steps"
+    )
     print(f"model-only step:            {best:8.1f} img/s   (before {before:.1f}, after {after:.1f}: the better one)")
-    print(f"trainer (Ray Data feeding): {trainer:8.1f} img/s   data-wait median {statistics.median(wait[3:] or wait):.1%}")
+    print(
+        f"trainer (Ray Data feeding): {trainer:8.1f} img/s   data-wait median {statistics.median(wait[3:] or wait):.1%}"
+    )
     print(f"ratio trainer / model-only: {trainer / best:8.2f}   (target ≥ 0.9)")
 
 

@@ -1,10 +1,12 @@
 """One typed configuration for every mae-service job.
 
-Layers, merged once: the defaults below ← a YAML file ← ``key.sub=value`` overrides. :func:`load_config`
-validates the result and raises one :class:`ConfigError` that names every bad value, before any cluster
-resource is used. The resolved config is saved with every run (MLflow params, checkpoints).
+Layers, merged once: defaults ← ``$MLFLOW_TRACKING_URI`` ← a YAML file ← ``section.key=value`` overrides. The
+result is validated before any cluster resource is used; one :class:`ConfigError` names every bad value.
 
-This module imports neither Ray nor MLflow.
+Each field is declared once with :func:`_f`: default, one-line doc, value checks, and ``defines_run`` (the field
+defines what a run learns). :meth:`Config.digest` and :meth:`Config.resume_conflicts` use exactly those fields;
+the others (locations, logging cadence, workers, precision) may change when a run resumes from its checkpoint.
+Imports neither torch, Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -13,14 +15,20 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-DATA_FORMATS = ("files", "wds", "parquet")
+from mae_service.data.formats import NAMES as _FORMATS
+from mae_service.model.presets import MODEL_NAMES, preset
+
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+DECODE_DEVICES = ("cpu", "cuda")
+Check = Callable[[Any], "str | None"]  # what is wrong with a value ("must be ≥ 1", "is empty"), or None
 
 
 class ConfigError(ValueError):
@@ -31,104 +39,137 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
 
 
+# ---- field declarations and their checks ---------------------------------------------------------------------
+def _f(default: Any, doc: str, *checks: Check, each: Check | None = None, defines_run: bool = False) -> Any:
+    """A field. ``checks`` test its value (unless None; the first failure is reported), ``each`` every item of a
+    list; ``defines_run``: part of what the run learns (:meth:`Config.digest`, :meth:`Config.resume_conflicts`)."""
+    meta = {"doc": doc, "checks": checks, "each": each, "defines_run": defines_run}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _rule(ok: Callable[[Any], Any], problem: str) -> Check:
+    return lambda v: None if ok(v) else problem
+
+
+def _ge(lo: float, note: str = "") -> Check:
+    return _rule(lambda v: v >= lo, f"must be ≥ {lo}{note}")
+
+
+def _one_of(*allowed: str) -> Check:
+    return _rule(lambda v: v in allowed, f"allowed {', '.join(allowed)}")
+
+
+def _filled(hint: str = "") -> Check:
+    return _rule(lambda v: v.strip() if isinstance(v, str) else v, "is empty" + (hint and f": {hint}"))
+
+
+_pos = _rule(lambda v: v > 0, "must be positive")
+_unit = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
+_beta = _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+_WHERE = "give s3://bucket/prefix or a local"
+_plain = _rule(
+    lambda v: v and "/" not in v and not v.startswith("."), "must be a plain name (no '/', not starting with '.')"
+)
+_server = _rule(
+    lambda v: "://" in v and not v.startswith("file:"),
+    "MLflow 3 needs a database or server URI (sqlite:///mlflow.db, http://host:5000)",
+)
+_model_name = _rule(
+    lambda v: len(v) <= 255 and not set(v) & set("/:@") and v not in (".", ".."),
+    "a registered model name has at most 255 characters and no '/', ':' or '@' (models:/NAME@ALIAS)",
+)
+_alias = _rule(
+    lambda v: re.fullmatch(r"[\w-]{1,255}", v) and v.lower() != "latest" and not re.fullmatch(r"[vV]\d+", v),
+    "an alias is 1–255 letters, digits, '_' or '-', and not 'latest' or v<number> (MLflow reserves those)",
+)
+
+
+# ---- sections ------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    train_uri: str = "demo_out/data/train"
-    """Training images: ``s3://bucket/prefix`` or a local path."""
-    val_uri: str | None = None
-    """Labelled held-out images (k-NN evaluation during sweeps and after training); optional."""
-    format: str = "files"
-    """``files`` (loose images, class folders give labels), ``wds`` (WebDataset tar shards), ``parquet``."""
-    image_size: int = 224
-    """Side of the square crops fed to the model."""
-    s3_endpoint: str | None = None
-    """Endpoint override for S3-compatible stores; defaults to ``AWS_ENDPOINT_URL`` when set."""
-    shard_size: int = 256
-    """Loose files are read in groups of this many keys per Ray Data task."""
-    decode_cpus: float = 1.0
-    """Logical CPUs each Ray Data decode task asks for."""
+    train_uri: str = _f("demo_out/data/train", "Training images (s3:// or local).", _filled(_WHERE + " path"))
+    val_uri: str | None = _f(None, "Labelled held-out images for k-NN evaluation (sweeps, end of training).")
+    format: str = _f("files", "files (class folders), wds or parquet.", _one_of(*_FORMATS), defines_run=True)
+    image_size: int = _f(224, "Side of the square crops fed to the model.", _pos, defines_run=True)
+    s3_endpoint: str | None = _f(None, "Endpoint of an S3-compatible store; default $AWS_ENDPOINT_URL.")
+    shard_size: int = _f(256, "Loose files per Ray Data read task.", _pos, defines_run=True)
+    decode_cpus: float = _f(1.0, "Logical CPUs each Ray Data decode task asks for.", _pos)
+    decode_device: str = _f("cpu", "Where images are decoded: cpu or cuda.", _one_of(*DECODE_DEVICES))
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mae_vit_base_patch16"
-    patch_size: int | None = None
-    """None keeps the preset's patch size."""
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
+    name: str = _f("mae_vit_base_patch16", "Encoder preset.", _one_of(*MODEL_NAMES), defines_run=True)
+    patch_size: int | None = _f(None, "Patch side in pixels; None keeps the preset's.", _pos, defines_run=True)
+    mask_ratio: float = _f(0.75, "Fraction of patches removed from each image.", _unit, defines_run=True)
+    norm_pix_loss: bool = _f(True, "Loss on per-patch normalised pixels (the paper's choice).", defines_run=True)
+    decoder_embed_dim: int = _f(512, "Decoder width.", _pos, defines_run=True)
+    decoder_depth: int = _f(8, "Decoder blocks.", _ge(1), defines_run=True)
+    decoder_num_heads: int = _f(16, "Decoder attention heads.", _pos, defines_run=True)
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    epochs: int = 1
-    max_steps: int | None = None
-    """Stop after this many optimiser steps (None: run all epochs)."""
-    batch_size: int = 4096
-    """Global batch per optimiser step (all workers, after gradient accumulation)."""
-    micro_batch_size: int | None = None
-    """Per-worker batch per forward pass; None = batch_size / num_workers (no accumulation)."""
-    blr: float = 1.5e-4
-    """Base learning rate: lr = blr × batch_size / 256 (the paper's linear scaling rule)."""
-    lr: float | None = None
-    """Absolute learning rate; overrides blr when set."""
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 40.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    amp: str = "auto"
-    """auto = bf16 autocast on GPU, fp32 on CPU."""
-    seed: int = 0
-    storage_path: str = "demo_out/checkpoints"
-    run_name: str | None = None
-    """Same run name → the job continues that run from its last checkpoint."""
-    max_failures: int = 2
-    checkpoint_every_steps: int = 50
-    keep_checkpoints: int = 2
-    log_every_steps: int = 1
-    picture_every_steps: int = 100
-    eval_every_steps: int = 0
-    """k-NN evaluation on data.val_uri every N steps (0: only at the end, if val data is set)."""
-    knn_k: int = 20
-    max_nonfinite_skips: int = 10
-    """Consecutive non-finite losses tolerated (step skipped) before rolling back to the last checkpoint."""
+    num_workers: int = _f(2, "Ray Train workers (DDP ranks).", _ge(1))
+    use_gpu: bool = _f(False, "One GPU per worker.")
+    cpus_per_worker: float = _f(1.0, "Logical CPUs each worker asks for.", _pos)
+    epochs: int = _f(1, "Passes over the training set (the schedule's length).", _ge(1), defines_run=True)
+    max_steps: int | None = _f(None, "Stop after this many optimiser steps (None: all epochs).", _ge(1, " or null"))
+    batch_size: int = _f(4096, "Global batch per optimiser step (all workers together).", _ge(1), defines_run=True)
+    micro_batch_size: int | None = _f(None, "Per-worker batch per forward pass; None: no accumulation.", _ge(1))
+    blr: float = _f(1.5e-4, "Base learning rate: lr = blr × batch_size / 256.", _pos, defines_run=True)
+    lr: float | None = _f(None, "Absolute learning rate; overrides blr when set.", _pos, defines_run=True)
+    min_lr: float = _f(0.0, "Floor of the cosine schedule.", _ge(0), defines_run=True)
+    weight_decay: float = _f(0.05, "AdamW weight decay.", _ge(0), defines_run=True)
+    warmup_epochs: float = _f(40.0, "Linear warm-up length in epochs.", _ge(0), defines_run=True)
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas.", each=_beta, defines_run=True)
+    amp: str = _f("auto", "Autocast: auto (bf16 where supported), bf16, fp16 (GPU), none.", _one_of(*AMP_MODES))
+    compile: bool = _f(False, "torch.compile the model.")
+    seed: int = _f(0, "Seed of the weights, masks and data order.", defines_run=True)
+    storage_path: str = _f("demo_out/checkpoints", "Checkpoint root (s3:// or local).", _filled(_WHERE + " folder"))
+    run_name: str | None = _f(None, "Same run name → the job continues that run from its last checkpoint.", _plain)
+    max_failures: int = _f(2, "Restarts after a worker failure (-1: unlimited).", _ge(-1, " (-1: unlimited)"))
+    checkpoint_every_steps: int = _f(50, "Optimiser steps between checkpoints.", _ge(1))
+    keep_checkpoints: int = _f(2, "Most recent checkpoints kept.", _ge(1))
+    log_every_steps: int = _f(1, "Optimiser steps between metric logs.", _ge(1))
+    picture_every_steps: int = _f(100, "Optimiser steps between reconstruction pictures.", _ge(1))
+    eval_every_steps: int = _f(0, "Steps between k-NN evaluations on data.val_uri (0: only at the end).", _ge(0))
+    knn_k: int = _f(20, "Neighbours of the k-NN evaluation.", _ge(1), defines_run=True)
+    max_nonfinite_skips: int = _f(10, "Non-finite losses in a row skipped before a rollback.", _ge(0), defines_run=True)
 
 
 @dataclass
 class TuneConfig:
-    num_samples: int = 1
-    """Repeats of the grid (grid search over the lists below)."""
-    mask_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
-    decoder_embed_dims: list[int] = field(default_factory=lambda: [256, 512])
-    decoder_depths: list[int] = field(default_factory=list)
-    """Empty: keep model.decoder_depth."""
-    metric: str = "knn_top1"
-    scheduler: str = "asha"
-    grace_period: int = 1
-    """ASHA: evaluations a trial gets before it can be stopped."""
-    reduction_factor: int = 2
-    max_concurrent_trials: int = 0
-    """0: as many as the cluster's resources allow."""
-    best_alias: str = "best"
+    num_samples: int = _f(1, "Repeats of the grid (grid search over the lists below).", _ge(1))
+    mask_ratios: list[float] = _f(
+        [0.5, 0.75, 0.9], "Grid of model.mask_ratio.", _filled("give at least one ratio in (0, 1)"), each=_unit
+    )
+    decoder_embed_dims: list[int] = _f(
+        [256, 512], "Grid of model.decoder_embed_dim.", _filled("give at least one width"), each=_pos
+    )
+    decoder_depths: list[int] = _f([], "Grid of model.decoder_depth; empty: keep model.decoder_depth.", each=_ge(1))
+    metric: str = _f("knn_top1", "Objective the trials report (k-NN top-1 on data.val_uri).", _one_of("knn_top1"))
+    scheduler: str = _f("asha", "asha (stop poor trials early) or none.", _one_of("asha", "none"))
+    grace_period: int = _f(1, "ASHA: evaluations a trial gets before it can be stopped.", _ge(1))
+    reduction_factor: int = _f(2, "ASHA: 1/reduction_factor of the trials go on at each rung.", _ge(2))
+    max_concurrent_trials: int = _f(0, "Trials at once; 0: as many as the cluster's resources allow.", _ge(0))
+    best_alias: str = _f("best", "Registry alias given to the best trial's encoder.", _alias)
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "mae-service"
-    log_system_metrics: bool = True
+    tracking_uri: str = _f("sqlite:///mlflow.db", "Tracking store; unset: $MLFLOW_TRACKING_URI.", _filled(), _server)
+    experiment: str = _f("mae-service", "Experiment the runs are logged under.", _filled())
+    log_system_metrics: bool = _f(True, "Log CPU, GPU and memory use with each run.")
 
 
 @dataclass
 class RegistryConfig:
-    model_name: str = "mae-encoder"
-    alias: str = "current"
-    register: bool = True
+    model_name: str = _f("mae-encoder", "Registered model the encoder becomes a version of.", _filled(), _model_name)
+    alias: str = _f("current", "Alias set on the new version (models:/NAME@ALIAS).", _alias)
+    register: bool = _f(True, "Register the encoder when training ends.")
 
 
 @dataclass
@@ -140,7 +181,6 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
-    # ---- derived values -------------------------------------------------------------------------------------
     @property
     def micro_batch(self) -> int:
         """Per-worker batch of one forward pass."""
@@ -153,85 +193,89 @@ class Config:
 
     @property
     def lr(self) -> float:
+        """Absolute learning rate: ``train.lr``, else ``train.blr × train.batch_size / 256``."""
         return self.train.lr if self.train.lr is not None else self.train.blr * self.train.batch_size / 256
 
     def to_dict(self) -> dict[str, Any]:
+        """``{section: {key: value}}``; :func:`config_from_dict` rebuilds the config from it."""
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}`` for MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        return {key: value for key, _, value in _fields(self)}
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML; :func:`load_config` reads it back to an equal config."""
+        return yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False)  # tuples → lists
 
     def digest(self) -> str:
-        """Short hash of the settings that define what is learnt (not where it is stored or logged)."""
-        d = self.to_dict()
-        keep = {"data": d["data"], "model": d["model"], "train": {k: v for k, v in d["train"].items()
-                                                                if k not in ("storage_path", "run_name", "max_failures")}}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Short hash of the fields that define what a run learns (``defines_run``)."""
+        run = {key: value for key, f, value in _fields(self) if f.metadata["defines_run"]}
+        return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+        """``"key: checkpoint has A, this job asks B"`` for each field that defines the run and differs from
+        ``saved`` (an older :meth:`to_dict`). A field ``saved`` lacks counts as its default."""
+        out, defaults = [], Config().flat()
+        for key, f, new in _fields(self):
+            sec, name = key.split(".")
+            old = (saved.get(sec) or {}).get(name, defaults[key])
+            if isinstance(old, list | tuple) and isinstance(new, list | tuple):
+                old, new = list(old), list(new)
+            if f.metadata["defines_run"] and old != new:
+                out.append(f"{key}: checkpoint has {old!r}, this job asks {new!r}")
+        return out
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTIONS: dict[str, Any] = get_type_hints(Config)
 
 
-def _section_types() -> dict[str, type]:
-    hints = get_type_hints(Config)
-    return {name: hints[name] for name in _SECTIONS}
+def _fields(cfg: Config) -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """``("section.key", field, value)`` for every field, in declaration order."""
+    for sec in _SECTIONS:
+        body = getattr(cfg, sec)
+        yield from ((f"{sec}.{f.name}", f, getattr(body, f.name)) for f in dataclasses.fields(body))
+
+
+# ---- parsing -------------------------------------------------------------------------------------------------
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar(v: Any, tp: type) -> Any:
+    """``v`` as ``tp`` (bool, int, float or str); ValueError when it is not one."""
+    if tp is bool and isinstance(v, str) and v.lower() in _BOOLS:
+        return _BOOLS[v.lower()]
+    if tp is str and v is not None and not isinstance(v, dict | list):
+        return str(v)
+    if isinstance(v, bool) != (tp is bool) or not isinstance(v, int | float | str) or tp is str:
+        raise ValueError(v)
+    if tp is int and not isinstance(v, int):
+        if not float(v).is_integer():
+            raise ValueError(v)
+        return int(float(v))
+    return tp(v)
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
-    """Convert a YAML/CLI value to the field's type, or record a problem."""
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin is not None and type(None) in args:  # Optional[X]
+    """Convert a YAML/CLI value to the field's type, or record a problem (and return the value unchanged)."""
+    if type(None) in get_args(tp):  # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, where, problems)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        problems.append(f"{where}={value!r}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            problems.append(f"{where}={value!r}: expected an integer")
-            return value
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    origin, args = get_origin(tp), get_args(tp)
+    if origin not in (list, tuple):
         try:
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
+            return _scalar(value, tp)
         except (ValueError, OverflowError):
-            problems.append(f"{where}={value!r}: expected an integer")
+            problems.append(f"{where}={value!r}: expected {_EXPECTED[tp]}")
             return value
-    if tp is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
-            problems.append(f"{where}={value!r}: expected a number")
-            return value
-    if tp is str:
-        if isinstance(value, dict | list):
-            problems.append(f"{where}={value!r}: expected a string")
-            return value
-        return str(value)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list | tuple):
-            problems.append(f"{where}={value!r}: expected a list")
-            return value
-        if origin is tuple:
-            if len(value) != len(args):
-                problems.append(f"{where}={value!r}: expected {len(args)} values")
-                return value
-            return tuple(_coerce(v, a, f"{where}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
-        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    return value
+    n = len(args) if origin is tuple else 0
+    if not isinstance(value, list | tuple) or (n and len(value) != n):
+        problems.append(f"{where}={value!r}: expected {f'{n} values' if n else 'a list'}")
+        return value
+    items = [_coerce(v, args[i] if n else args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    return tuple(items) if n else items
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -245,178 +289,101 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _merge(raw: Any, overrides: list[str] | tuple[str, ...], problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``raw`` (nested, as in YAML) ← ``overrides``; ``$MLFLOW_TRACKING_URI`` where neither sets the URI."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config file must be a mapping of sections {sorted(_SECTIONS)}, got {type(raw).__name__}"])
+    merged: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    allowed = ", ".join(_SECTIONS)
+    for sec, body in raw.items():
+        if sec not in _SECTIONS:
+            problems.append(f"unknown section {sec!r}; allowed: {allowed}")
+        elif body is not None and not isinstance(body, dict):
+            problems.append(f"section {sec!r} must be a mapping, got {body!r}")
+        else:
+            merged[sec].update(body or {})
+    for ov in overrides:
+        key, value = _parse_override(ov)
+        sec, _, sub = key.partition(".")
+        if not sub:
+            problems.append(f"override {ov!r}: expected SECTION.KEY=VALUE with SECTION in {allowed}")
+        elif sec not in _SECTIONS:
+            problems.append(f"override {ov!r}: unknown section {sec!r}; allowed: {allowed}")
+        else:
+            merged[sec][sub] = value
+    # Like the ``mae-service models`` commands: clusters hand the tracking URI out in $MLFLOW_TRACKING_URI
+    # (e.g. from the KubeRay Secret); a file or override still wins.
+    if "tracking_uri" not in merged["mlflow"] and os.environ.get("MLFLOW_TRACKING_URI"):
+        merged["mlflow"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    return merged
+
+
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Merge defaults ← ``$MLFLOW_TRACKING_URI`` ← ``raw`` (nested dict, as in YAML) ← ``overrides``; validate."""
     problems: list[str] = []
-    merged: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"config file must be a mapping of sections {sorted(_SECTIONS)}, got {type(raw).__name__}"])
-    for sec, body in raw.items():
-        if sec not in _SECTIONS:
-            problems.append(f"unknown section {sec!r}; allowed: {', '.join(_SECTIONS)}")
-            continue
-        if body is None:
-            continue
-        if not isinstance(body, dict):
-            problems.append(f"section {sec!r} must be a mapping, got {body!r}")
-            continue
-        merged[sec].update(body)
-    for ov in overrides:
-        key, value = _parse_override(ov)
-        if "." not in key:
-            problems.append(f"override {ov!r}: expected SECTION.KEY=VALUE with SECTION in {', '.join(_SECTIONS)}")
-            continue
-        sec, sub = key.split(".", 1)
-        if sec not in _SECTIONS:
-            problems.append(f"override {ov!r}: unknown section {sec!r}; allowed: {', '.join(_SECTIONS)}")
-            continue
-        merged[sec][sub] = value
-    # Like the ``mae-service models`` commands: a tracking URI not given in the file or overrides comes from
-    # $MLFLOW_TRACKING_URI (how clusters hand it out, e.g. the KubeRay Secret), else the embedded default.
-    if "tracking_uri" not in merged["mlflow"] and os.environ.get("MLFLOW_TRACKING_URI"):
-        merged["mlflow"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
-
-    sections: dict[str, Any] = {}
-    for sec, cls in _section_types().items():
-        hints = get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+    merged = _merge({} if raw is None else raw, overrides, problems)
+    sections = {}
+    for sec, cls in _SECTIONS.items():
+        hints, kwargs = get_type_hints(cls), {}
         for key, value in merged[sec].items():
-            if key not in known:
-                problems.append(f"unknown key {sec}.{key}; allowed: {', '.join(sorted(known))}")
-                continue
-            kwargs[key] = _coerce(value, hints[key], f"{sec}.{key}", problems)
+            if key not in hints:
+                problems.append(f"unknown key {sec}.{key}; allowed: {', '.join(sorted(hints))}")
+            else:
+                kwargs[key] = _coerce(value, hints[key], f"{sec}.{key}", problems)
         sections[sec] = cls(**kwargs)
     cfg = Config(**sections)
-    if problems:  # type problems make the value checks below meaningless
-        raise ConfigError(problems)
-    problems.extend(validate(cfg))
+    problems = problems or validate(cfg)  # type problems make the value checks meaningless
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
+# ---- validation ----------------------------------------------------------------------------------------------
 def validate(cfg: Config) -> list[str]:
-    """Value checks across fields; returns every problem found (empty when valid)."""
-    from mae_service.model import MODEL_NAMES, preset  # pure module: no Ray, no MLflow
-
+    """Every value problem of a well-typed config: the checks declared on the fields, then those across fields."""
     p: list[str] = []
-    d, m, t, tu = cfg.data, cfg.model, cfg.train, cfg.tune
-    if not d.train_uri:
-        p.append("data.train_uri is empty: give s3://bucket/prefix or a local path")
-    if d.format not in DATA_FORMATS:
-        p.append(f"data.format={d.format!r}: allowed {', '.join(DATA_FORMATS)}")
-    if d.image_size <= 0:
-        p.append(f"data.image_size={d.image_size}: must be positive")
-    if d.shard_size <= 0:
-        p.append(f"data.shard_size={d.shard_size}: must be positive")
-    if d.decode_cpus <= 0:
-        p.append(f"data.decode_cpus={d.decode_cpus}: must be positive")
+    for key, f, value in _fields(cfg):
+        msg = next((m for check in f.metadata["checks"] if (m := check(value))), None) if value is not None else None
+        p += [f"{key} {msg}" if msg.startswith("is ") else f"{key}={value!r}: {msg}"] if msg else []
+        if not msg and f.metadata["each"]:
+            p += [f"{key} contains {x!r}: each {m}" for x in value if (m := f.metadata["each"](x))]
+    return p + _cross_checks(cfg)
 
-    if m.name not in MODEL_NAMES:
-        p.append(f"model.name={m.name!r}: allowed {', '.join(MODEL_NAMES)}")
-        patch = m.patch_size
-    else:
-        patch = m.patch_size or preset(m.name)["patch_size"]
-    if patch is not None and (patch <= 0 or d.image_size % patch):
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Checks relating fields; each runs only when the fields passed their own checks."""
+    p: list[str] = []
+    d, m, t = cfg.data, cfg.model, cfg.train
+    patch = m.patch_size or (preset(m.name)["patch_size"] if m.name in MODEL_NAMES else 0)
+    if patch > 0 and d.image_size > 0 and d.image_size % patch:
         p.append(f"data.image_size={d.image_size} is not divisible by the patch size {patch} (model.patch_size)")
-    if not 0.0 < m.mask_ratio < 1.0:
-        p.append(f"model.mask_ratio={m.mask_ratio}: must be in (0, 1)")
-    if m.decoder_embed_dim <= 0 or m.decoder_num_heads <= 0 or m.decoder_embed_dim % m.decoder_num_heads:
-        p.append(f"model.decoder_embed_dim={m.decoder_embed_dim} must be a positive multiple of "
-                 f"model.decoder_num_heads={m.decoder_num_heads}")
-    if m.decoder_depth < 1:
-        p.append(f"model.decoder_depth={m.decoder_depth}: must be ≥ 1")
-
-    if t.num_workers < 1:
-        p.append(f"train.num_workers={t.num_workers}: must be ≥ 1")
-    if t.cpus_per_worker <= 0:
-        p.append(f"train.cpus_per_worker={t.cpus_per_worker}: must be positive")
-    if t.epochs < 1:
-        p.append(f"train.epochs={t.epochs}: must be ≥ 1")
-    if t.max_steps is not None and t.max_steps < 1:
-        p.append(f"train.max_steps={t.max_steps}: must be ≥ 1 or null")
-    if t.batch_size < 1:
-        p.append(f"train.batch_size={t.batch_size}: must be ≥ 1")
-    elif t.num_workers >= 1 and t.batch_size % t.num_workers:
-        p.append(f"train.batch_size={t.batch_size} (global) is not divisible by train.num_workers={t.num_workers}")
-    elif t.micro_batch_size is not None:
-        per_worker = t.batch_size // t.num_workers
-        if t.micro_batch_size < 1 or per_worker % t.micro_batch_size:
-            p.append(f"train.micro_batch_size={t.micro_batch_size} must divide the per-worker batch "
-                     f"{per_worker} (train.batch_size / train.num_workers)")
-    if t.lr is not None and t.lr <= 0:
-        p.append(f"train.lr={t.lr}: must be positive")
-    if t.blr <= 0:
-        p.append(f"train.blr={t.blr}: must be positive")
-    if t.min_lr < 0:
-        p.append(f"train.min_lr={t.min_lr}: must be ≥ 0")
-    if t.weight_decay < 0:
-        p.append(f"train.weight_decay={t.weight_decay}: must be ≥ 0")
-    if t.warmup_epochs < 0:
-        p.append(f"train.warmup_epochs={t.warmup_epochs}: must be ≥ 0")
-    if not all(0.0 <= b < 1.0 for b in t.betas):
-        p.append(f"train.betas={list(t.betas)}: each must be in [0, 1)")
-    if t.amp not in AMP_MODES:
-        p.append(f"train.amp={t.amp!r}: allowed {', '.join(AMP_MODES)}")
-    if t.amp in ("bf16", "fp16") and not t.use_gpu:
-        p.append(f"train.amp={t.amp!r} needs train.use_gpu=true (use auto or none on CPU)")
-    if not t.storage_path:
-        p.append("train.storage_path is empty: give s3://bucket/prefix or a local folder")
-    if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name.startswith(".")):
-        p.append(f"train.run_name={t.run_name!r}: must be a plain name (no '/', not starting with '.')")
-    if t.max_failures < -1:
-        p.append(f"train.max_failures={t.max_failures}: must be ≥ 0 (or -1 for unlimited)")
-    for key in ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "picture_every_steps", "knn_k"):
-        if getattr(t, key) < 1:
-            p.append(f"train.{key}={getattr(t, key)}: must be ≥ 1")
-    if t.eval_every_steps < 0:
-        p.append(f"train.eval_every_steps={t.eval_every_steps}: must be ≥ 0")
-
-    if tu.num_samples < 1:
-        p.append(f"tune.num_samples={tu.num_samples}: must be ≥ 1")
-    if not tu.mask_ratios:
-        p.append("tune.mask_ratios is empty: give at least one ratio in (0, 1)")
-    for r in tu.mask_ratios:
-        if not 0.0 < r < 1.0:
-            p.append(f"tune.mask_ratios contains {r}: each must be in (0, 1)")
-    if not tu.decoder_embed_dims:
-        p.append("tune.decoder_embed_dims is empty: give at least one width")
-    for w in tu.decoder_embed_dims:
-        if w <= 0 or w % m.decoder_num_heads:
-            p.append(f"tune.decoder_embed_dims contains {w}: each must be a positive multiple of "
-                     f"model.decoder_num_heads={m.decoder_num_heads}")
-    for dd in tu.decoder_depths:
-        if dd < 1:
-            p.append(f"tune.decoder_depths contains {dd}: each must be ≥ 1")
-    if tu.metric not in ("knn_top1", "val_loss"):
-        p.append(f"tune.metric={tu.metric!r}: allowed knn_top1, val_loss")
-    if tu.scheduler not in ("asha", "none"):
-        p.append(f"tune.scheduler={tu.scheduler!r}: allowed asha, none")
-    if tu.grace_period < 1:
-        p.append(f"tune.grace_period={tu.grace_period}: must be ≥ 1")
-    if tu.reduction_factor < 2:
-        p.append(f"tune.reduction_factor={tu.reduction_factor}: must be ≥ 2")
-    if tu.max_concurrent_trials < 0:
-        p.append(f"tune.max_concurrent_trials={tu.max_concurrent_trials}: must be ≥ 0")
-
-    if not cfg.mlflow.tracking_uri:
-        p.append("mlflow.tracking_uri is empty")
-    elif cfg.mlflow.tracking_uri.startswith("file:") or "://" not in cfg.mlflow.tracking_uri:
-        p.append(f"mlflow.tracking_uri={cfg.mlflow.tracking_uri!r}: MLflow 3 needs a database or server URI "
-                 "(sqlite:///mlflow.db, http://host:5000)")
-    if not cfg.mlflow.experiment:
-        p.append("mlflow.experiment is empty")
-    if not cfg.registry.model_name:
-        p.append("registry.model_name is empty")
-    if (not cfg.registry.alias or cfg.registry.alias.lower() == "latest"
-            or cfg.registry.alias.lower().startswith("v") and cfg.registry.alias[1:].isdigit()):
-        p.append(f"registry.alias={cfg.registry.alias!r}: must be a name (not empty, not 'latest', not of the form "
-                 "v<number>: MLflow reserves those)")
+    heads = m.decoder_num_heads
+    if heads > 0 and m.decoder_embed_dim > 0 and m.decoder_embed_dim % heads:
+        p.append(
+            f"model.decoder_embed_dim={m.decoder_embed_dim} must be a positive multiple of "
+            f"model.decoder_num_heads={heads}"
+        )
+    p += [
+        f"tune.decoder_embed_dims contains {w}: each must be a positive multiple of model.decoder_num_heads={heads}"
+        for w in cfg.tune.decoder_embed_dims
+        if heads > 0 and w > 0 and w % heads
+    ]
+    if t.batch_size >= 1 and t.num_workers >= 1:
+        per_worker, rest = divmod(t.batch_size, t.num_workers)
+        micro = t.micro_batch_size
+        if rest:
+            p.append(f"train.batch_size={t.batch_size} (global) is not divisible by train.num_workers={t.num_workers}")
+        elif micro is not None and micro >= 1 and per_worker % micro:
+            p.append(
+                f"train.micro_batch_size={micro} must divide the per-worker batch {per_worker} "
+                "(train.batch_size / train.num_workers)"
+            )
+    if t.amp == "fp16" and not t.use_gpu:  # bf16 may run on CPUs that have it: checked at run time
+        p.append("train.amp='fp16' needs train.use_gpu=true (fp16 autocast is GPU-only; on CPU use auto, bf16 or none)")
     return p
 
 
+# ---- files ---------------------------------------------------------------------------------------------------
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load ``path`` (YAML) if given, apply ``overrides``, validate."""
     raw: dict[str, Any] = {}
@@ -434,9 +401,3 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
     return build_config(d)
-
-
-def dump_yaml(cfg: Config) -> str:
-    d = cfg.to_dict()
-    d["train"]["betas"] = list(d["train"]["betas"])
-    return yaml.safe_dump(d, sort_keys=False)

@@ -69,9 +69,15 @@ def ray_local(s3_server):
     """
     import ray
 
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", object_store_memory=1 << 30, include_dashboard=True,
-             dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV}}, log_to_driver=True)
+    ray.init(
+        num_cpus=4,
+        _node_ip_address="127.0.0.1",
+        object_store_memory=1 << 30,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV}},
+        log_to_driver=True,
+    )
     yield ray
     ray.shutdown()
 

@@ -80,7 +80,10 @@ class S3Server:
         env = {**os.environ, **AWS_TEST_ENV, **QUIET_ENV}
         self.proc = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         wait_http(f"{self.endpoint}/moto-api/", 30, self.proc)
 
@@ -92,8 +95,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
 
     def make_bucket(self, name: str) -> str:
         c = self.client()
@@ -121,13 +129,33 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115
-        env = {**os.environ, **QUIET_ENV, **s3.env, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {
+            **os.environ,
+            **QUIET_ENV,
+            **s3.env,
+            "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{bucket}/artifacts", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{workdir / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{bucket}/artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=workdir,
         )
         wait_http(f"{self.uri}/health", 90, self.proc)
 

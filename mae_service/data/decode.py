@@ -113,8 +113,13 @@ def decode_image(data: bytes, *, target: int | None = None, max_pixels: int = MA
     return to_rgb(_load(img))
 
 
-def sample_crop(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = SCALE,
-                ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
+def sample_crop(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = SCALE,
+    ratio: tuple[float, float] = RATIO,
+) -> tuple[int, int, int, int]:
     """RandomResizedCrop parameters ``(left, top, w, h)`` in pixels of a ``width × height`` image.
 
     Area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio``; up to 10 tries, then the largest
@@ -141,8 +146,9 @@ def sample_crop(width: int, height: int, rng: np.random.Generator, scale: tuple[
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int,
-                 full: tuple[int, int]) -> Image.Image:
+def _crop_resize(
+    img: Image.Image, box: tuple[float, float, float, float], size: int, full: tuple[int, int]
+) -> Image.Image:
     """Load ``img`` (possibly drafted), crop ``box`` given in full-resolution pixels, resize to ``size²``."""
     _load(img)
     sx, sy = img.size[0] / full[0], img.size[1] / full[1]
@@ -158,9 +164,16 @@ def to_chw(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def random_resized_crop(data: bytes, size: int, rng: np.random.Generator, *, scale: tuple[float, float] = SCALE,
-                        ratio: tuple[float, float] = RATIO, flip_p: float = 0.5,
-                        max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def random_resized_crop(
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = SCALE,
+    ratio: tuple[float, float] = RATIO,
+    flip_p: float = 0.5,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
     """Encoded bytes → RandomResizedCrop (bicubic) + horizontal flip → uint8 ``[3, size, size]``.
 
     The crop is drawn from the header size before decoding, then a JPEG is decoded at the smallest DCT scale

@@ -1,4 +1,7 @@
-"""Convert a folder of images (``files`` layout, local or ``s3://``) into WebDataset tars or Parquet files.
+"""Convert a folder of images (``files`` layout, local or ``s3://``) into shards of a sharded format.
+
+The target is any format registered with ``pack_target`` (:data:`mae_service.data.formats.PACK_TARGETS`: WebDataset
+tars, Parquet files).
 
 Objects are copied byte for byte (no re-encoding); the order is shuffled with a seed so every shard mixes
 classes; an ``_index.json`` with class names and per-shard counts lets :func:`~mae_service.data.open_source`
@@ -15,22 +18,28 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from mae_service.data import formats
 from mae_service.data.source import open_source
-from mae_service.data.synth import write_items
+from mae_service.data.synth import progress_bar, write_items
 
 logger = logging.getLogger(__name__)
 
-PACK_FORMATS = ("wds", "parquet")
 
-
-def pack(src_uri: str, out: str, *, fmt: str, shard_size: int = 1000, seed: int = 0, s3_endpoint: str | None = None,
-         progress: bool = False) -> int:
+def pack(
+    src_uri: str,
+    out: str,
+    *,
+    fmt: str,
+    shard_size: int = 1000,
+    seed: int = 0,
+    s3_endpoint: str | None = None,
+    progress: bool = False,
+) -> int:
     """Pack the images under ``src_uri`` into ``fmt`` shards of ``shard_size`` under ``out``; returns the count."""
-    if fmt not in PACK_FORMATS:
-        raise ValueError(f"--format={fmt!r}: allowed {', '.join(PACK_FORMATS)}")
+    formats.get(fmt, pack_target=True, what=f"--format={fmt!r}")
     if shard_size < 1:
         raise ValueError(f"--shard-size={shard_size}: must be ≥ 1")
-    src = open_source(src_uri, "files", shard_size=shard_size, s3_endpoint=s3_endpoint)
+    src = open_source(src_uri, formats.FOLDER, shard_size=shard_size, s3_endpoint=s3_endpoint)
     fs, _ = src.filesystem()
     entries = [(key, label) for shard in src.shards for key, label in zip(shard.keys, shard.labels, strict=True)]
     entries.sort()
@@ -44,12 +53,6 @@ def pack(src_uri: str, out: str, *, fmt: str, shard_size: int = 1000, seed: int 
         # WebDataset keys must not contain dots; keep them unique with the listing index.
         return f"{i:08d}_{stem.replace('.', '_')}", data, ext.lstrip(".").lower(), label
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(entries), desc=f"pack {fmt}", unit="img", leave=False)
-
     def items() -> Iterator[tuple[str, bytes, str, int]]:
         window = 64  # bounded read-ahead: memory stays flat however many images there are
         with ThreadPoolExecutor(16) as pool:
@@ -60,11 +63,9 @@ def pack(src_uri: str, out: str, *, fmt: str, shard_size: int = 1000, seed: int 
             while pending:
                 yield pending.popleft().result()
 
-    try:
-        n = write_items(out, fmt, items(), src.class_names, shard_size=shard_size, s3_endpoint=s3_endpoint,
-                        on_item=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    with progress_bar(len(entries), f"pack {fmt}", progress) as on_item:
+        n = write_items(
+            out, fmt, items(), src.class_names, shard_size=shard_size, s3_endpoint=s3_endpoint, on_item=on_item
+        )
     logger.info("packed %d images from %s into %s shards under %s", n, src_uri, fmt, out)
     return n

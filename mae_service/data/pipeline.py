@@ -10,8 +10,9 @@ permutation. A rank's dataset is its units for all epochs in order, a Ray Data t
 ``preserve_order`` so rows come out in the planned order; ``start_sample`` drops whole units and trims one,
 so resuming decodes nothing it skips.
 
-**Tasks (workers).** A unit's objects are fetched together (loose files: concurrent GETs on a thread pool, one
-request per object on S3, decoded in order as they arrive; a tar or Parquet row group: one read), decoded and
+**Tasks (workers).** A unit's objects are fetched together by its format's reader (:mod:`mae_service.data.formats`;
+loose files: concurrent GETs on a thread pool, one request per object on S3, decoded in order as they arrive; a tar
+or Parquet row group: one read), decoded and
 cropped with an RNG seeded by ``(seed, epoch, item id)``. A bad object is logged with its key and replaced by the
 next good item of the same shard's permutation (cropped with the original item's RNG), so row counts stay exact;
 ``n_bad`` says how many were replaced for each row. A shard without any good item is an error.
@@ -19,31 +20,20 @@ next good item of the same shard's permutation (cropped with the original item's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import io
 import logging
-import tarfile
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow.fs as pafs
 
+from mae_service.data import formats
 from mae_service.data.decode import BadImageError, center_crop, item_rng, random_resized_crop
-from mae_service.data.source import (
-    HINT_CREDENTIALS,
-    HINT_ENDPOINT,
-    HINT_NO_BUCKET,
-    Shard,
-    Source,
-    iter_wds_samples,
-    samples_per_rank,
-    source_error,
-)
-from mae_service.data.storage import filesystem_for, is_s3, s3_client
+from mae_service.data.source import Source, samples_per_rank
+from mae_service.data.storage import filesystem_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +42,6 @@ CHUNK_ROWS = 32
 MIN_TASK_ROWS = 512
 """Consecutive units are grouped so a Ray Data task decodes at least this many rows: dispatching a task costs
 ~0.1-0.2 s of scheduling latency on a busy node, which short tasks cannot amortise."""
-FETCH_THREADS = 16
 _SHARD_SALT, _ITEM_SALT = 0x5348, 0x4954
 
 
@@ -65,8 +54,9 @@ def item_order(seed: int, epoch: int, shard_index: int, count: int) -> np.ndarra
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, shard_index, _ITEM_SALT]).permutation(count)
 
 
-def plan_epoch(counts: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
-               per_rank: int) -> list[tuple[int, int, int, int]]:
+def plan_epoch(
+    counts: np.ndarray, seed: int, epoch: int, rank: int, world_size: int, per_rank: int
+) -> list[tuple[int, int, int, int]]:
     """Units ``(epoch, shard, a, b)`` of one rank for one epoch, in order; their sizes sum to ``per_rank``."""
     order = shard_order(seed, epoch, len(counts))
     c = counts[order]
@@ -80,13 +70,16 @@ def plan_epoch(counts: np.ndarray, seed: int, epoch: int, rank: int, world_size:
     return units
 
 
-def plan_rank(counts: np.ndarray, *, seed: int, rank: int, world_size: int, per_rank: int, epochs: int,
-              start_sample: int = 0) -> np.ndarray:
+def plan_rank(
+    counts: np.ndarray, *, seed: int, rank: int, world_size: int, per_rank: int, epochs: int, start_sample: int = 0
+) -> np.ndarray:
     """All units of one rank over ``epochs`` epochs, skipping the first ``start_sample`` rows; int64 ``[U, 4]``."""
     total = per_rank * epochs
     if not 0 <= start_sample <= total:
-        raise ValueError(f"start_sample={start_sample}: must be between 0 and {total} (= {epochs} epochs × "
-                         f"{per_rank} samples per rank)")
+        raise ValueError(
+            f"start_sample={start_sample}: must be between 0 and {total} (= {epochs} epochs × "
+            f"{per_rank} samples per rank)"
+        )
     first_epoch, skip = divmod(start_sample, per_rank)
     units: list[tuple[int, int, int, int]] = []
     for e in range(first_epoch, epochs):
@@ -104,175 +97,16 @@ def plan_rank(counts: np.ndarray, *, seed: int, rank: int, world_size: int, per_
 class _Job:
     """What a decode task needs; shipped to the workers once with the map function."""
 
-    uri: str
-    s3_endpoint: str | None
-    fmt: str
-    image_column: str | None
-    label_column: str | None
-    shards: tuple[Shard, ...]
+    src: Source
     units: np.ndarray
     seed: int
     image_size: int
     train: bool
 
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-
-
-def _fetch_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="mae-fetch")
-        return _pool
-
-
 @functools.lru_cache(maxsize=8)
 def _filesystem(uri: str, s3_endpoint: str | None) -> pafs.FileSystem:
     return filesystem_for(uri, s3_endpoint)[0]
-
-
-def _read_object(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-_client_lock = threading.Lock()
-_clients: dict[tuple[str, str | None], object] = {}
-
-# S3 error codes that no other object of the source would escape: fail the task instead of skipping every image.
-_S3_CREDENTIAL_ERRORS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                         "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "InvalidSecurity"}
-
-
-class _S3Objects:
-    """Whole S3 objects, one GET each. pyarrow's ``open_input_stream`` sends a HEAD and then a GET per object,
-    twice the requests (and, against a slow server, half the objects per second) for loose image files.
-
-    ``read`` raises OSError for an object that cannot be read (missing, or failing after the retries): a bad item,
-    like a corrupt one. Wrong credentials, a missing bucket or an unreachable endpoint raise ValueError naming the
-    source URI, since every other object would fail the same way."""
-
-    def __init__(self, uri: str, s3_endpoint: str | None):
-        self.uri = uri
-        bucket = urlparse(uri).netloc
-        with _client_lock:  # one client per process and source bucket (boto3 clients are thread-safe)
-            key = (bucket, s3_endpoint)
-            if key not in _clients:
-                _clients[key] = s3_client(bucket, s3_endpoint, max_pool_connections=FETCH_THREADS)
-            self.client = _clients[key]
-
-    def _fail(self, path: str, what: str) -> ValueError:
-        return source_error(self.uri, f"cannot read s3://{path}: {what}")
-
-    def read(self, path: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-
-        bucket, key = path.split("/", 1)
-        try:
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            msg = f"{code or status}: {err.get('Message', '')}".rstrip(": ")
-            if code == "NoSuchBucket":
-                raise self._fail(path, f"{msg} ({HINT_NO_BUCKET})") from None
-            if code in _S3_CREDENTIAL_ERRORS or status == 403:
-                raise self._fail(path, f"{msg} ({HINT_CREDENTIALS})") from None
-            raise OSError(msg) from None  # NoSuchKey (the object vanished since listing), 5xx after retries
-        except NoCredentialsError as e:
-            raise self._fail(path, f"{e} ({HINT_CREDENTIALS})") from None
-        except EndpointConnectionError as e:
-            raise self._fail(path, f"{e} ({HINT_ENDPOINT})") from None
-        except BotoCoreError as e:  # read timeouts, truncated bodies, ...
-            raise OSError(str(e)) from None
-
-
-class _FilesReader:
-    """Loose files: each item is an object; fetched concurrently, returned in the order asked."""
-
-    def __init__(self, fs: pafs.FileSystem, shard: Shard, s3: _S3Objects | None = None):
-        self.fs, self.shard, self.s3 = fs, shard, s3
-
-    def name(self, pos: int) -> str:
-        return self.shard.keys[pos]
-
-    def _get(self, pos: int) -> tuple[bytes, int]:
-        path = self.shard.keys[pos]
-        try:
-            data = self.s3.read(path) if self.s3 is not None else _read_object(self.fs, path)
-        except OSError as e:  # vanished or unreadable object: a bad item, like a corrupt one
-            raise BadImageError(f"cannot read: {e}") from None
-        return data, self.shard.labels[pos]
-
-    def get(self, pos: int) -> tuple[bytes, int]:
-        return self._get(pos)
-
-    def iter(self, positions: np.ndarray) -> Iterator[Future]:
-        pool = _fetch_pool()
-        window = FETCH_THREADS * 2  # bounded read-ahead
-        futures: list[Future] = [pool.submit(self._get, int(p)) for p in positions[:window]]
-        for k in range(len(positions)):
-            if k + window < len(positions):
-                futures.append(pool.submit(self._get, int(positions[k + window])))
-            yield futures[k]
-            futures[k] = None  # type: ignore[call-overload]  # free the bytes
-
-
-class _MemoryReader:
-    """A tar or Parquet row group read in one request; items served from memory."""
-
-    def __init__(self, items: list[tuple[bytes, int]], keys: list[str], shard: Shard):
-        if len(items) != shard.count:
-            raise RuntimeError(f"{shard.name()} now holds {len(items)} images but held {shard.count} when listed; "
-                               "the data changed under the job (open the source again)")
-        self.items, self.keys, self.shard = items, keys, shard
-
-    def name(self, pos: int) -> str:
-        return f"{self.shard.name()}:{self.keys[pos]}"
-
-    def get(self, pos: int) -> tuple[bytes, int]:
-        return self.items[pos]
-
-    def iter(self, positions: np.ndarray) -> Iterator[Future]:
-        for p in positions:
-            f: Future = Future()
-            f.set_result(self.items[int(p)])
-            yield f
-
-
-def _read_tar(fs: pafs.FileSystem, shard: Shard) -> _MemoryReader:
-    data = _read_object(fs, shard.path)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        samples = list(iter_wds_samples(tar, read=True))
-    return _MemoryReader([(img or b"", label) for _, img, label in samples], [k for k, _, _ in samples], shard)
-
-
-def _read_row_group(fs: pafs.FileSystem, shard: Shard, image_column: str, label_column: str | None) -> _MemoryReader:
-    import pyarrow.parquet as pq
-
-    top = image_column.split(".", 1)[0]
-    cols = [top] + ([label_column] if label_column else [])
-    with fs.open_input_file(shard.path) as f:
-        table = pq.ParquetFile(f).read_row_group(shard.row_group, columns=cols)
-    col = table.column(top)
-    if "." in image_column:
-        col = col.combine_chunks().field("bytes")
-    images = [b if b is not None else b"" for b in col.to_pylist()]
-    labels = table.column(label_column).to_pylist() if label_column else [-1] * len(images)
-    items = [(img, int(lab) if lab is not None else -1) for img, lab in zip(images, labels, strict=True)]
-    return _MemoryReader(items, [f"row{i}" for i in range(len(items))], shard)
-
-
-def _reader(job: _Job, fs: pafs.FileSystem, shard: Shard):
-    if job.fmt == "files":
-        return _FilesReader(fs, shard, _S3Objects(job.uri, job.s3_endpoint) if is_s3(job.uri) else None)
-    if job.fmt == "wds":
-        return _read_tar(fs, shard)
-    assert job.image_column is not None
-    return _read_row_group(fs, shard, job.image_column, job.label_column)
 
 
 def _decode(job: _Job, data: bytes, epoch: int, item_id: int) -> np.ndarray:
@@ -283,10 +117,10 @@ def _decode(job: _Job, data: bytes, epoch: int, item_id: int) -> np.ndarray:
 
 def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str, np.ndarray]]:
     epoch, si, a, b = (int(v) for v in job.units[uid])
-    shard = job.shards[si]
+    shard = job.src.shards[si]
     order = item_order(job.seed, epoch, si, shard.count) if job.train else np.arange(shard.count)
     positions = order[a:b]
-    reader = _reader(job, fs, shard)
+    reader = formats.get(job.src.fmt).reader(job.src, fs, shard)
     n, size = len(positions), job.image_size
     bad: set[int] = set()
     rows = 0
@@ -305,13 +139,16 @@ def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str
             except BadImageError as e:
                 bad.add(pos)
                 replaced += 1
-                logger.warning("bad image %s skipped (%s); replacing it with another item of the same shard",
-                               reader.name(pos), e)
+                logger.warning(
+                    "bad image %s skipped (%s); replacing it with another item of the same shard", reader.name(pos), e
+                )
                 while True:  # next item of this shard's order that is not known to be bad
                     cursor += 1
                     if cursor - (a + k) >= shard.count:
-                        raise RuntimeError(f"shard {shard.name()} of {job.uri!r} holds no decodable image "
-                                           f"({len(bad)} bad, e.g. {reader.name(next(iter(bad)))})") from None
+                        raise RuntimeError(
+                            f"shard {shard.name()} of {job.src.uri!r} holds no decodable image "
+                            f"({len(bad)} bad, e.g. {reader.name(next(iter(bad)))})"
+                        ) from None
                     pos = int(order[cursor % shard.count])
                     if pos not in bad:
                         break
@@ -334,7 +171,7 @@ def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str
 
 
 def _run_units(batch: dict[str, np.ndarray], job: _Job) -> Iterator[dict[str, np.ndarray]]:
-    fs = _filesystem(job.uri, job.s3_endpoint)
+    fs = _filesystem(job.src.uri, job.src.s3_endpoint)
     for uid in batch["id"]:
         yield from _process_unit(job, fs, int(uid))
 
@@ -343,9 +180,13 @@ def _run_units(batch: dict[str, np.ndarray], job: _Job) -> Iterator[dict[str, np
 def _job(src: Source, units: np.ndarray, *, seed: int, image_size: int, train: bool) -> _Job:
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: must be ≥ 1")
-    return _Job(uri=src.uri, s3_endpoint=src.s3_endpoint, fmt=src.fmt, image_column=src.image_column,
-                label_column=src.label_column, shards=tuple(src.shards), units=units, seed=int(seed),
-                image_size=int(image_size), train=train)
+    return _Job(
+        src=dataclasses.replace(src, shards=list(src.shards)),
+        units=units,
+        seed=int(seed),
+        image_size=int(image_size),
+        train=train,
+    )
 
 
 def _empty(job: _Job):
@@ -370,7 +211,12 @@ def _dataset(job: _Job, decode_cpus: float):
         per_task = max(1, MIN_TASK_ROWS * n // max(rows, 1))  # units per task
         ds = ray.data.range(n, override_num_blocks=-(-n // per_task)).map_batches(
             _run_units,  # type: ignore[arg-type]  # gets job= through fn_kwargs
-            fn_kwargs={"job": job}, batch_size=None, batch_format="numpy", num_cpus=decode_cpus, zero_copy_batch=True)
+            fn_kwargs={"job": job},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=decode_cpus,
+            zero_copy_batch=True,
+        )
     ctx = ds.context  # this dataset's own copy of the DataContext
     ctx.execution_options.preserve_order = True
     # One block per yielded chunk (the default 128 MiB would hold a whole unit back until it is done).
@@ -385,8 +231,18 @@ def ingest_options():
     return ExecutionOptions(preserve_order=True)
 
 
-def train_dataset(src: Source, *, rank: int, world_size: int, image_size: int, seed: int, batch_size: int,
-                  epochs: int, start_sample: int = 0, decode_cpus: float = 1.0):
+def train_dataset(
+    src: Source,
+    *,
+    rank: int,
+    world_size: int,
+    image_size: int,
+    seed: int,
+    batch_size: int,
+    epochs: int,
+    start_sample: int = 0,
+    decode_cpus: float = 1.0,
+):
     """This rank's training stream over all ``epochs``: columns ``image`` (uint8 ``[3, S, S]``), ``label``,
     ``epoch``, ``n_bad`` (int64); exactly ``samples_per_rank(src, world_size, batch_size)`` rows per epoch.
 
@@ -399,8 +255,9 @@ def train_dataset(src: Source, *, rank: int, world_size: int, image_size: int, s
         raise ValueError(f"epochs={epochs}: must be ≥ 1")
     per_rank = samples_per_rank(src, world_size, batch_size)
     counts = np.array([s.count for s in src.shards], np.int64)
-    units = plan_rank(counts, seed=seed, rank=rank, world_size=world_size, per_rank=per_rank, epochs=epochs,
-                      start_sample=start_sample)
+    units = plan_rank(
+        counts, seed=seed, rank=rank, world_size=world_size, per_rank=per_rank, epochs=epochs, start_sample=start_sample
+    )
     return _dataset(_job(src, units, seed=seed, image_size=image_size, train=True), decode_cpus)
 
 

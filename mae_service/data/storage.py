@@ -74,11 +74,15 @@ def s3_client(bucket: str = "", s3_endpoint: str | None = None, max_pool_connect
     from botocore.config import Config
 
     url = s3_endpoint_url(s3_endpoint)
-    config = Config(region_name=_region(bucket, url), connect_timeout=S3_CONNECT_TIMEOUT_S,
-                    read_timeout=S3_REQUEST_TIMEOUT_S, retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-                    max_pool_connections=max_pool_connections,
-                    # path-style requests, as pyarrow sends them, when the endpoint is an S3-compatible store
-                    s3={"addressing_style": "path"} if url else None)
+    config = Config(
+        region_name=_region(bucket, url),
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_REQUEST_TIMEOUT_S,
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
+        # path-style requests, as pyarrow sends them, when the endpoint is an S3-compatible store
+        s3={"addressing_style": "path"} if url else None,
+    )
     return boto3.session.Session().client("s3", endpoint_url=url, config=config)
 
 
@@ -98,8 +102,9 @@ def filesystem_for(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileS
         try:
             return pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
-            raise ValueError(f"{uri!r}: unsupported storage URI ({e}); use s3://bucket/prefix or a local path") \
-                from None
+            raise ValueError(
+                f"{uri!r}: unsupported storage URI ({e}); use s3://bucket/prefix or a local path"
+            ) from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 

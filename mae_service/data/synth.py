@@ -3,32 +3,41 @@
 Twelve procedurally drawn classes (circle, ring, square, triangle, cross, star, horizontal/vertical stripes,
 checkerboard, dot grid, spiral, zigzag), each with a random position, scale, foreground colour and a noisy or
 gradient background, so colour and brightness say nothing about the class: a representation has to see shape.
-Images are written as real JPEG files (and 1 in 10 as PNG, in RGB, grey or palette mode) in any of the three
-source formats (:mod:`mae_service.data.source`), to a local folder or ``s3://``. No Ray.
+Images are written as real JPEG files (and 1 in 10 as PNG, in RGB, grey or palette mode) in any registered
+format (:mod:`mae_service.data.formats`), to a local folder or ``s3://``. No Ray.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
-import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mae_service.data import formats
 from mae_service.data.storage import filesystem_for, join
 
 logger = logging.getLogger(__name__)
 
-CLASSES = ("circle", "ring", "square", "triangle", "cross", "star", "hstripes", "vstripes", "checkerboard",
-           "dots", "spiral", "zigzag")
-FORMATS = ("files", "wds", "parquet")
-INDEX_NAME = "_index.json"
-"""Sidecar written next to wds/parquet shards: class names and per-shard sample counts."""
+CLASSES = (
+    "circle",
+    "ring",
+    "square",
+    "triangle",
+    "cross",
+    "star",
+    "hstripes",
+    "vstripes",
+    "checkerboard",
+    "dots",
+    "spiral",
+    "zigzag",
+)
 
 
 # ---- drawing ------------------------------------------------------------------------------------------------
@@ -61,8 +70,10 @@ def _foreground(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, int
 
 def _polygon(cx: float, cy: float, radii: list[float], rot: float) -> list[tuple[float, float]]:
     n = len(radii)
-    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
-            for k, r in enumerate(radii)]
+    return [
+        (cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
+        for k, r in enumerate(radii)
+    ]
 
 
 def _draw(cls: str, d: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, fg: tuple[int, int, int]) -> None:
@@ -173,93 +184,95 @@ class _Writer:
         self.pool.shutdown()
 
 
-def write_wds_shard(items: list[tuple[str, bytes, str, int]]) -> bytes:
-    """``[(key, bytes, ext, label)]`` → an uncompressed tar in the WebDataset layout (key.ext + key.cls)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, data, ext, label in items:
-            members = [(f"{key}.{ext}", data)]
-            if label >= 0:
-                members.append((f"{key}.cls", str(label).encode()))
-            for name, payload in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
+@contextmanager
+def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], None] | None]:
+    """A tqdm bar of ``total`` images while the block runs: yields its ``update`` (``None`` when not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
-def write_parquet_shard(items: list[tuple[str, bytes, str, int]], class_names: list[str], row_group: int) -> bytes:
-    """``[(key, bytes, ext, label)]`` → Parquet bytes with columns key, image (binary), label (int64)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({
-        "key": pa.array([k for k, _, _, _ in items], pa.string()),
-        "image": pa.array([b for _, b, _, _ in items], pa.binary()),
-        "label": pa.array([lab for _, _, _, lab in items], pa.int64()),
-    }).replace_schema_metadata({"mae_service.class_names": json.dumps(class_names)})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=max(1, row_group), compression="none")
-    return sink.getvalue().to_pybytes()
-
-
-def write_items(out: str, fmt: str, items: Iterator[tuple[str, bytes, str, int]], class_names: list[str], *,
-                shard_size: int = 256, s3_endpoint: str | None = None,
-                on_item: Callable[[], None] | None = None) -> int:
+def write_items(
+    out: str,
+    fmt: str,
+    items: Iterator[tuple[str, bytes, str, int]],
+    class_names: list[str],
+    *,
+    shard_size: int = 256,
+    s3_endpoint: str | None = None,
+    on_item: Callable[[], None] | None = None,
+) -> int:
     """Write ``(key, bytes, ext, label)`` items under ``out`` in format ``fmt``; returns the number written.
 
-    ``files``: ``out/<class>/<key>.<ext>`` (or ``out/<key>.<ext>`` for label -1); ``wds``: ``out/shard-NNNNN.tar``;
-    ``parquet``: ``out/part-NNNNN.parquet``; wds and parquet also get ``out/_index.json``.
+    The format's ``writer`` lays them out (each module of :mod:`mae_service.data.formats` says how); the sharded
+    formats put ``shard_size`` items in a shard and write ``out/_index.json``.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: allowed {', '.join(FORMATS)}")
-    writer = _Writer(out, s3_endpoint)
+    item_format = formats.get(fmt, what=f"format {fmt!r}")
+    store = _Writer(out, s3_endpoint)
     n = 0
-    counts: dict[str, int] = {}
-    batch: list[tuple[str, bytes, str, int]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        k = len(counts)
-        if fmt == "wds":
-            name = f"shard-{k:05d}.tar"
-            writer.put(name, write_wds_shard(batch))
-        else:
-            name = f"part-{k:05d}.parquet"
-            writer.put(name, write_parquet_shard(batch, class_names, shard_size))
-        counts[name] = len(batch)
-        batch.clear()
-
     try:
+        writer = item_format.writer(store.put, class_names, shard_size=shard_size)
         for key, data, ext, label in items:
-            if fmt == "files":
-                folder = f"{class_names[label]}/" if label >= 0 and class_names else ""
-                writer.put(f"{folder}{key}.{ext}", data)
-            else:
-                batch.append((key, data, ext, label))
-                if len(batch) >= shard_size:
-                    flush()
+            writer.add(key, data, ext, label)
             n += 1
             if on_item:
                 on_item()
-        if fmt != "files":
-            flush()
-            index = {"format": fmt, "class_names": class_names, "num_images": n, "shards": counts}
-            writer.put(INDEX_NAME, json.dumps(index, indent=1).encode())
-    finally:
         writer.close()
+    finally:
+        store.close()
     return n
 
 
-def synthesize(out: str, *, num_images: int = 1000, image_size: int = 64, classes: int = 12, fmt: str = "files",
-               seed: int = 0, val_fraction: float = 0.0, shard_size: int = 256, s3_endpoint: str | None = None,
-               progress: bool = False) -> dict[str, int]:
+def synthesize(
+    out: str,
+    *,
+    num_images: int = 1000,
+    image_size: int = 64,
+    classes: int = 12,
+    fmt: str = formats.FOLDER,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    shard_size: int = 256,
+    s3_endpoint: str | None = None,
+    progress: bool = False,
+) -> dict[str, int]:
     """Write a synthetic labelled image set; returns ``{split: count}``.
 
     With ``val_fraction > 0`` the images go to ``out/train`` and ``out/val`` (class-balanced split), otherwise
     straight under ``out``. Labels are balanced: image i has class i mod ``classes``.
     """
+    _check(num_images, image_size, classes, fmt, val_fraction, shard_size)
+    names = CLASSES[:classes]
+    labels = np.arange(num_images) % classes  # balanced; any prefix (the val split) is balanced too
+    n_val = int(round(num_images * val_fraction))
+    splits = {"val": range(n_val), "train": range(n_val, num_images)} if n_val else {"": range(num_images)}
+
+    def gen(idx: range) -> Iterator[tuple[str, bytes, str, int]]:
+        for i in idx:
+            lab = int(labels[i])
+            data, ext = make_item(i, lab, image_size, seed, names)
+            yield f"{names[lab]}_{i:07d}", data, ext, lab
+
+    counts = {}
+    with progress_bar(num_images, f"synth {fmt}", progress) as on_item:
+        for split, idx in splits.items():
+            target = join(out, split) if split else out
+            counts[split or "all"] = write_items(
+                target, fmt, gen(idx), list(names), shard_size=shard_size, s3_endpoint=s3_endpoint, on_item=on_item
+            )
+    logger.info("wrote %s synthetic images (%d classes, %dpx, %s) to %s", counts, classes, image_size, fmt, out)
+    return counts
+
+
+def _check(num_images: int, image_size: int, classes: int, fmt: str, val_fraction: float, shard_size: int) -> None:
+    """ValueError naming every bad argument of :func:`synthesize` (as the CLI flags)."""
     problems = []
     if num_images < 1:
         problems.append(f"--num-images={num_images}: must be ≥ 1")
@@ -267,37 +280,11 @@ def synthesize(out: str, *, num_images: int = 1000, image_size: int = 64, classe
         problems.append(f"--image-size={image_size}: must be ≥ 8")
     if not 1 <= classes <= len(CLASSES):
         problems.append(f"--classes={classes}: must be between 1 and {len(CLASSES)}")
-    if fmt not in FORMATS:
-        problems.append(f"--format={fmt!r}: allowed {', '.join(FORMATS)}")
+    if fmt not in formats.NAMES:
+        problems.append(f"--format={fmt!r}: allowed {', '.join(formats.NAMES)}")
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"--val-fraction={val_fraction}: must be in [0, 1)")
     if shard_size < 1:
         problems.append(f"--shard-size={shard_size}: must be ≥ 1")
     if problems:
         raise ValueError("; ".join(problems))
-    names = CLASSES[:classes]
-    labels = np.arange(num_images) % classes  # balanced; any prefix (the val split) is balanced too
-    n_val = int(round(num_images * val_fraction))
-    splits = {"val": range(n_val), "train": range(n_val, num_images)} if n_val else {"": range(num_images)}
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num_images, desc=f"synth {fmt}", unit="img", leave=False)
-    counts = {}
-    try:
-        for split, idx in splits.items():
-            def gen(idx=idx) -> Iterator[tuple[str, bytes, str, int]]:
-                for i in idx:
-                    lab = int(labels[i])
-                    data, ext = make_item(i, lab, image_size, seed, names)
-                    yield f"{names[lab]}_{i:07d}", data, ext, lab
-            target = join(out, split) if split else out
-            counts[split or "all"] = write_items(target, fmt, gen(), list(names), shard_size=shard_size,
-                                                 s3_endpoint=s3_endpoint, on_item=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
-    logger.info("wrote %s synthetic images (%d classes, %dpx, %s) to %s", counts, classes, image_size, fmt, out)
-    return counts

@@ -1,19 +1,25 @@
 """The MAE model: factory, presets, input normalisation, and checkpoint interoperability (see ``export``).
 
-Pure module: imports torch and timm, never Ray or MLflow.
+Pure package: imports torch and timm, never Ray or MLflow. Names load lazily, so ``import mae_service.model`` and
+:mod:`mae_service.model.presets` (names, shapes, override keys) do not import torch.
 """
 
-from mae_service.model.mae import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MODEL_NAMES,
-    OVERRIDE_KEYS,
-    MaskedAutoencoder,
-    create_model,
-    normalize,
-    preset,
-)
-from mae_service.model.pos_embed import sincos_2d
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "IMAGENET_MEAN": "mae_service.model.mae",
+    "IMAGENET_STD": "mae_service.model.mae",
+    "MaskedAutoencoder": "mae_service.model.mae",
+    "create_model": "mae_service.model.mae",
+    "normalize": "mae_service.model.mae",
+    "MODEL_NAMES": "mae_service.model.presets",
+    "OVERRIDE_KEYS": "mae_service.model.presets",
+    "preset": "mae_service.model.presets",
+    "sincos_2d": "mae_service.model.pos_embed",
+}
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -26,3 +32,14 @@ __all__ = [
     "preset",
     "sincos_2d",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mae_service.model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoder, create_model, normalize
+    from mae_service.model.pos_embed import sincos_2d
+    from mae_service.model.presets import MODEL_NAMES, OVERRIDE_KEYS, preset
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mae_service.model' has no attribute {name!r}")

@@ -3,6 +3,8 @@
 - Released layout: ``{"model": state_dict}`` with this package's own parameter names (they are the reference's).
 - timm: :meth:`MaskedAutoencoder.encoder_state_dict_timm` + :meth:`MaskedAutoencoder.timm_architecture`, or
   :func:`to_timm_encoder` which builds and loads the timm model in one call.
+- Wrapped models: :func:`unwrap` (DDP / ``torch.compile``) and :func:`is_mae`, for code handed either an MAE or
+  a plain encoder (the registry, the evaluation).
 - Hugging Face: :func:`to_hf_state_dict` / :func:`hf_config` / :func:`save_hf_pretrained` write a directory that
   ``transformers.ViTMAEForPreTraining.from_pretrained`` loads (``config.json`` + ``model.safetensors``).
   Transformers ≥ 5 names its layers ``vit.layers.i.attention.q_proj`` …; 4.x used
@@ -17,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -46,28 +48,49 @@ def load_reference_checkpoint(model: MaskedAutoencoder, path: str | os.PathLike)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not match the model {model.model_args}: missing {missing[:8]}"
-                         f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'…' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}")
+        raise ValueError(
+            f"{path} does not match the model {model.model_args}: missing {missing[:8]}"
+            f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+            f"{'…' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}"
+        )
     model.load_state_dict(state, strict=True)
 
 
-def save_reference_checkpoint(model: MaskedAutoencoder, path: str | os.PathLike) -> None:
-    """Write ``{"model": state_dict}`` (the released layout) to ``path``."""
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+# ---- wrapped models ---------------------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def is_mae(model: object) -> TypeGuard[MaskedAutoencoder]:
+    """Whether ``model`` (already unwrapped) is a masked autoencoder: it can export a timm encoder."""
+    return hasattr(model, "encoder_state_dict_timm") and hasattr(model, "timm_architecture")
 
 
 # ---- timm -------------------------------------------------------------------------------------------------------
 def to_timm_encoder(model: MaskedAutoencoder) -> nn.Module:
-    """A timm ``VisionTransformer`` (``num_classes=0``) carrying this model's encoder weights, loaded strictly."""
+    """A timm ``VisionTransformer`` (``num_classes=0``) carrying this model's encoder weights, loaded strictly.
+
+    ``model`` may be DDP- or ``torch.compile``-wrapped; the encoder is a CPU copy, in the timm default train mode.
+    """
     import timm
 
-    name, kwargs = model.timm_architecture()
+    core = unwrap(model)
+    if not is_mae(core):
+        raise ValueError(f"to_timm_encoder needs a MaskedAutoencoder, got {type(core).__name__}")
+    name, kwargs = core.timm_architecture()
     enc = timm.create_model(name, pretrained=False, **kwargs)
-    enc.load_state_dict(model.encoder_state_dict_timm(), strict=True)
+    enc.load_state_dict({k: v.detach().cpu() for k, v in core.encoder_state_dict_timm().items()}, strict=True)
     return enc
 
 
@@ -90,15 +113,32 @@ def _hf_block(src: dict[str, Tensor], s: str, d: str, layout: str) -> dict[str, 
     q, k, v = src[f"{s}attn.qkv.weight"].chunk(3, dim=0)  # timm's fused qkv rows are [q; k; v]
     qb, kb, vb = src[f"{s}attn.qkv.bias"].chunk(3, dim=0)
     if layout == "v5":
-        names = dict(q="attention.q_proj", k="attention.k_proj", v="attention.v_proj", o="attention.o_proj",
-                     fc1="mlp.fc1", fc2="mlp.fc2")
+        names = dict(
+            q="attention.q_proj",
+            k="attention.k_proj",
+            v="attention.v_proj",
+            o="attention.o_proj",
+            fc1="mlp.fc1",
+            fc2="mlp.fc2",
+        )
     else:
-        names = dict(q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
-                     o="attention.output.dense", fc1="intermediate.dense", fc2="output.dense")
+        names = dict(
+            q="attention.attention.query",
+            k="attention.attention.key",
+            v="attention.attention.value",
+            o="attention.output.dense",
+            fc1="intermediate.dense",
+            fc2="output.dense",
+        )
     for key, w, b in (("q", q, qb), ("k", k, kb), ("v", v, vb)):
         out[f"{d}{names[key]}.weight"], out[f"{d}{names[key]}.bias"] = w, b
-    for ours, theirs in (("attn.proj", names["o"]), ("mlp.fc1", names["fc1"]), ("mlp.fc2", names["fc2"]),
-                         ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+    for ours, theirs in (
+        ("attn.proj", names["o"]),
+        ("mlp.fc1", names["fc1"]),
+        ("mlp.fc2", names["fc2"]),
+        ("norm1", "layernorm_before"),
+        ("norm2", "layernorm_after"),
+    ):
         out[f"{d}{theirs}.weight"] = src[f"{s}{ours}.weight"]
         out[f"{d}{theirs}.bias"] = src[f"{s}{ours}.bias"]
     return out

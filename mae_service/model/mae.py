@@ -20,47 +20,14 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mae_service.model.pos_embed import sincos_2d
+from mae_service.model.presets import DEFAULTS as _DEFAULTS
+from mae_service.model.presets import OVERRIDE_KEYS, preset
+from mae_service.model.presets import TIMM_NAMES as _TIMM_NAMES
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-# Encoder presets (the ViT family); the decoder defaults are the paper's (512-d, 8 blocks, 16 heads).
-_PRESETS: dict[str, dict[str, Any]] = {
-    "mae_vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
-    "mae_vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
-    "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
-    "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
-    "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0),
-}
-# timm's name for the matching encoder architecture.
-_TIMM_NAMES = {
-    "mae_vit_tiny_patch16": "vit_tiny_patch16_224",
-    "mae_vit_small_patch16": "vit_small_patch16_224",
-    "mae_vit_base_patch16": "vit_base_patch16_224",
-    "mae_vit_large_patch16": "vit_large_patch16_224",
-    "mae_vit_huge_patch14": "vit_huge_patch14_224",
-}
-MODEL_NAMES: tuple[str, ...] = tuple(_PRESETS)
-
-_DEFAULTS: dict[str, Any] = dict(
-    img_size=224,
-    in_chans=3,
-    decoder_embed_dim=512,
-    decoder_depth=8,
-    decoder_num_heads=16,
-    norm_pix_loss=False,
-    mask_ratio=0.75,
-)
-OVERRIDE_KEYS: tuple[str, ...] = tuple(sorted({*_PRESETS["mae_vit_base_patch16"], *_DEFAULTS}))
-
-
-def preset(name: str) -> dict[str, Any]:
-    """The encoder preset of ``name``: ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``."""
-    if name not in _PRESETS:
-        raise ValueError(f"unknown model name {name!r}: allowed {', '.join(MODEL_NAMES)}")
-    return dict(_PRESETS[name])
 
 
 def normalize(imgs: Tensor) -> Tensor:
@@ -103,8 +70,18 @@ class MaskedAutoencoder(nn.Module):
         model_args: dict[str, Any] | None = None,
     ):
         super().__init__()
-        _validate_arch(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
-                       decoder_embed_dim, decoder_depth, decoder_num_heads)
+        _validate_arch(
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+        )
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -336,8 +313,10 @@ class MaskedAutoencoder(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def extra_repr(self) -> str:
-        return f"img_size={self.img_size}, patch_size={self.patch_size}, mask_ratio={self.mask_ratio}, " \
-               f"norm_pix_loss={self.norm_pix_loss}"
+        return (
+            f"img_size={self.img_size}, patch_size={self.patch_size}, mask_ratio={self.mask_ratio}, "
+            f"norm_pix_loss={self.norm_pix_loss}"
+        )
 
 
 def _init_module(m: nn.Module) -> None:
@@ -350,24 +329,46 @@ def _init_module(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _validate_arch(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
-                   decoder_embed_dim, decoder_depth, decoder_num_heads) -> None:
+def _validate_arch(
+    img_size,
+    patch_size,
+    in_chans,
+    embed_dim,
+    depth,
+    num_heads,
+    mlp_ratio,
+    decoder_embed_dim,
+    decoder_depth,
+    decoder_num_heads,
+) -> None:
     problems = []
-    for key, val in dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim,
-                         decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads).items():
+    for key, val in dict(
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        decoder_embed_dim=decoder_embed_dim,
+        decoder_depth=decoder_depth,
+        decoder_num_heads=decoder_num_heads,
+    ).items():
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             problems.append(f"{key}={val!r}: must be a positive integer")
     if problems:
         raise ValueError("; ".join(problems))
     if img_size % patch_size:
-        raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}: "
-                         f"allowed image sizes are multiples of {patch_size}")
+        raise ValueError(
+            f"img_size={img_size} is not divisible by patch_size={patch_size}: "
+            f"allowed image sizes are multiples of {patch_size}"
+        )
     if embed_dim % num_heads or embed_dim % 4:
         raise ValueError(f"embed_dim={embed_dim} must be a multiple of 4 and of num_heads={num_heads}")
     if decoder_embed_dim % decoder_num_heads or decoder_embed_dim % 4:
-        raise ValueError(f"decoder_embed_dim={decoder_embed_dim} must be a multiple of 4 and of "
-                         f"decoder_num_heads={decoder_num_heads}")
+        raise ValueError(
+            f"decoder_embed_dim={decoder_embed_dim} must be a multiple of 4 and of "
+            f"decoder_num_heads={decoder_num_heads}"
+        )
     if not isinstance(mlp_ratio, int | float) or mlp_ratio <= 0:
         raise ValueError(f"mlp_ratio={mlp_ratio!r}: must be a positive number")
 

@@ -26,11 +26,11 @@ def _fast_fail() -> None:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    from mae_service.tracking.registry import check_reachable
+    from mae_service.tracking.runs import check_reachable
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     check_reachable(uri)
     return uri
 
@@ -60,27 +60,57 @@ def _models_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no mae-service encoders registered" + (f" under {args.name!r}" if args.name else "")
-              + " (run mae-service pretrain, or --all to list every model)")
+        print(
+            "no mae-service encoders registered"
+            + (f" under {args.name!r}" if args.name else "")
+            + " (run mae-service pretrain, or --all to list every model)"
+        )
         return 0
-    table = [[r["name"], str(r["version"]), ",".join(f"@{a}" for a in r["aliases"]) or "-",
-              _when(r["created"]), r["tags"].get("model_name", "-" if r["encoder"] else "(not mae-service)"),
-              r["tags"].get("steps", "-"), r["tags"].get("eval.knn_top1", "-"), r["tags"].get("data_uri", "-")]
-             for r in rows]
+    table = [
+        [
+            r["name"],
+            str(r["version"]),
+            ",".join(f"@{a}" for a in r["aliases"]) or "-",
+            _when(r["created"]),
+            r["tags"].get("model_name", "-" if r["encoder"] else "(not mae-service)"),
+            r["tags"].get("steps", "-"),
+            r["tags"].get("eval.knn_top1", "-"),
+            r["tags"].get("data_uri", "-"),
+        ]
+        for r in rows
+    ]
     print(_table(table, ["NAME", "VERSION", "ALIASES", "CREATED", "MODEL", "STEPS", "KNN_TOP1", "DATA"]))
     return 0
 
 
 _GROUPS = (
-    ("lineage", ("data_uri", "config_digest", "model_name", "timm_name", "image_size", "patch_size", "embed_dim",
-                 "mask_ratio", "norm_pix_loss", "decoder_embed_dim", "decoder_depth", "steps", "final_loss",
-                 "checkpoint_uri", "source_run")),
+    (
+        "lineage",
+        (
+            "data_uri",
+            "config_digest",
+            "model_name",
+            "timm_name",
+            "image_size",
+            "patch_size",
+            "embed_dim",
+            "mask_ratio",
+            "norm_pix_loss",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "steps",
+            "final_loss",
+            "checkpoint_uri",
+            "source_run",
+        ),
+    ),
     ("checksums", ("weights_sha256", "mae_weights_sha256", "architecture_sha256")),
 )
 
 
 def _models_show(args: argparse.Namespace) -> int:
-    from mae_service.tracking.registry import EVAL_TAG_PREFIX, describe
+    from mae_service.tracking.artifacts import EVAL_TAG_PREFIX, KIND_TAG
+    from mae_service.tracking.registry import describe
 
     info = describe(args.uri, tracking_uri=_tracking_uri(args))
     if args.json:
@@ -105,8 +135,8 @@ def _models_show(args: argparse.Namespace) -> int:
     if evals:
         print("  evaluations:")
         for k, v in sorted(evals.items()):
-            print(f"    {k[len(EVAL_TAG_PREFIX):]:<20} {v}")
-    tags.pop("mae_service.kind", None)
+            print(f"    {k[len(EVAL_TAG_PREFIX) :]:<20} {v}")
+    tags.pop(KIND_TAG, None)
     if tags:
         print("  other tags:")
         for k, v in sorted(tags.items()):
@@ -137,7 +167,7 @@ def _models_download(args: argparse.Namespace) -> int:
 
 
 def _models_promote(args: argparse.Namespace) -> int:
-    from mae_service.tracking.registry import promote
+    from mae_service.tracking.register import promote
 
     previous = promote(args.name, args.version, args.alias, tracking_uri=_tracking_uri(args))
     was = f"(was version {previous})" if previous is not None else "(new alias)"
@@ -147,7 +177,7 @@ def _models_promote(args: argparse.Namespace) -> int:
 
 # ---- eval / reconstruct ------------------------------------------------------------------------------------
 def _eval_knn(args: argparse.Namespace) -> int:
-    from mae_service.tracking.evaluate import evaluate_model
+    from mae_service.tracking.evaluations import evaluate_model
 
     model, train, val, fmt, k = args.model, args.train_data, args.val_data, args.format, args.k
     s3_endpoint, tracking = args.s3_endpoint, args.tracking_uri
@@ -161,14 +191,27 @@ def _eval_knn(args: argparse.Namespace) -> int:
         s3_endpoint, tracking = s3_endpoint or cfg.data.s3_endpoint, tracking or cfg.mlflow.tracking_uri
     missing = [flag for flag, v in (("--model", model), ("--train-data", train), ("--val-data", val)) if not v]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (give the flags, or --config with registry.model_name, "
-                         "data.train_uri and data.val_uri)")
+        raise ValueError(
+            f"missing {', '.join(missing)} (give the flags, or --config with registry.model_name, "
+            "data.train_uri and data.val_uri)"
+        )
     args.tracking_uri = tracking
     metrics = evaluate_model(
-        model, train, val, fmt=fmt or "files", image_size=args.image_size, k=k or 20,
-        temperature=args.temperature, linear_probe=not args.no_linear_probe, random_baseline=args.random_baseline,
-        batch_size=args.batch_size, concurrency=args.concurrency, s3_endpoint=s3_endpoint,
-        tracking_uri=_tracking_uri(args), experiment=args.experiment, record=not args.no_record,
+        model,
+        train,
+        val,
+        fmt=fmt or "files",
+        image_size=args.image_size,
+        k=k or 20,
+        temperature=args.temperature,
+        linear_probe=not args.no_linear_probe,
+        random_baseline=args.random_baseline,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        s3_endpoint=s3_endpoint,
+        tracking_uri=_tracking_uri(args),
+        experiment=args.experiment,
+        record=not args.no_record,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -182,9 +225,17 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from mae_service.tracking.pictures import reconstruct_to_file
 
     uri = _tracking_uri(args)
-    out = reconstruct_to_file(args.model, args.data, args.out, fmt=args.format, num_images=args.num_images,
-                              mask_ratio=args.mask_ratio, seed=args.seed, s3_endpoint=args.s3_endpoint,
-                              tracking_uri=uri)
+    out = reconstruct_to_file(
+        args.model,
+        args.data,
+        args.out,
+        fmt=args.format,
+        num_images=args.num_images,
+        mask_ratio=args.mask_ratio,
+        seed=args.seed,
+        s3_endpoint=args.s3_endpoint,
+        tracking_uri=uri,
+    )
     print(f"wrote {out} (rows: original | masked | reconstruction | reconstruction + visible)")
     return 0
 
@@ -209,6 +260,12 @@ def _positive_int(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``models``, ``eval`` and ``reconstruct`` to ``sub``."""
+    _register_models(sub)
+    _register_eval(sub)
+    _register_reconstruct(sub)
+
+
+def _register_models(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="look up registered encoders (list, show, download, promote)")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
@@ -239,13 +296,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_tracking(p)
     p.set_defaults(func=_wrap(_models_promote))
 
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a registered encoder on labelled data")
     esub = ev.add_subparsers(dest="eval_command", metavar="METHOD", required=True)
-    p = esub.add_parser("knn", help="k-NN (and linear-probe) top-1 accuracy on frozen features; recorded in MLflow",
-                        description="Embed labelled train and held-out images with a registered encoder (Ray Data), "
-                                    "score k-NN and a linear probe, log an MLflow run and tag the model version. "
-                                    "With --config (and KEY=VALUE overrides) the model, data and tracking URI "
-                                    "default to the config's registry.*, data.* and mlflow.*.")
+    p = esub.add_parser(
+        "knn",
+        help="k-NN (and linear-probe) top-1 accuracy on frozen features; recorded in MLflow",
+        description="Embed labelled train and held-out images with a registered encoder (Ray Data), "
+        "score k-NN and a linear probe, log an MLflow run and tag the model version. "
+        "With --config (and KEY=VALUE overrides) the model, data and tracking URI "
+        "default to the config's registry.*, data.* and mlflow.*.",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.val_uri=s3://b/v")
     p.add_argument("--config", default=None, help="YAML job config (as for pretrain)")
     p.add_argument("--model", default=None, help=_URI_HELP)
@@ -258,16 +320,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per embedding batch")
     p.add_argument("--concurrency", type=_positive_int, default=1, help="Ray Data embedding actors")
     p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe")
-    p.add_argument("--random-baseline", action="store_true",
-                   help="also score the same architecture with random weights")
-    p.add_argument("--experiment", default=None, help="MLflow experiment of the evaluation run "
-                   "(default mae-service-eval)")
+    p.add_argument(
+        "--random-baseline", action="store_true", help="also score the same architecture with random weights"
+    )
+    p.add_argument(
+        "--experiment", default=None, help="MLflow experiment of the evaluation run (default mae-service-eval)"
+    )
     p.add_argument("--no-record", action="store_true", help="do not log a run or tag the model version")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_tracking(p)
     p.set_defaults(func=_wrap(_eval_knn))
 
+
+def _register_reconstruct(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="picture of masked images and the registered MAE's reconstructions")
     p.add_argument("--model", required=True, help=_URI_HELP)
     p.add_argument("--data", required=True, help="images (s3:// or a path)")
@@ -279,4 +345,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default $AWS_ENDPOINT_URL)")
     _add_tracking(p)
     p.set_defaults(func=_wrap(_reconstruct))
-

@@ -4,7 +4,7 @@ Logged as *models from code*: MLflow stores this file with the model and runs it
 unpickled and the serving environment needs only ``mlflow``, ``numpy``, ``torch``, ``timm`` and ``safetensors``
 — not ``mae_service``. Keep it self-contained: import nothing from the package.
 
-The embedding equals :func:`mae_service.features.embed`: pixels / 255, resize to the encoder's image size if
+The embedding equals :func:`mae_service.evaluation.embed`: pixels / 255, resize to the encoder's image size if
 needed (bilinear, antialiased), ImageNet normalisation, then the timm ViT's pooled output (``num_classes=0``).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -44,9 +45,11 @@ class EncoderModel(PythonModel):
         weights = context.artifacts["weights"]
         digest = sha256_file(weights)
         if digest != arch["weights_sha256"]:
-            raise ValueError(f"encoder weights {weights} have sha256 {digest}, architecture.json records "
-                             f"{arch['weights_sha256']}: the artifact is corrupt or was modified")
-        encoder = timm.create_model(arch["timm_name"], pretrained=False, **arch["timm_kwargs"])
+            raise ValueError(
+                f"encoder weights {weights} have sha256 {digest}, architecture.json records "
+                f"{arch['weights_sha256']}: the artifact is corrupt or was modified"
+            )
+        encoder: Any = timm.create_model(arch["timm_name"], pretrained=False, **arch["timm_kwargs"])
         encoder.load_state_dict(load_file(weights), strict=True)
         self.encoder = encoder.eval()
         self.size = int(arch["image_size"])
@@ -62,11 +65,12 @@ class EncoderModel(PythonModel):
         out = []
         with torch.no_grad():
             for start in range(0, x.shape[0], CHUNK):
-                t = torch.from_numpy(np.ascontiguousarray(x[start:start + CHUNK])).to(torch.float32) / 255.0
+                t = torch.from_numpy(np.ascontiguousarray(x[start : start + CHUNK])).to(torch.float32) / 255.0
                 t = (t - self.mean) / self.std
                 if t.shape[-2:] != (self.size, self.size):
-                    t = torch.nn.functional.interpolate(t, size=(self.size, self.size), mode="bilinear",
-                                                        antialias=True, align_corners=False)
+                    t = torch.nn.functional.interpolate(
+                        t, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+                    )
                 out.append(self.encoder(t).float().numpy())
         if not out:
             return np.zeros((0, self.encoder.num_features), dtype=np.float32)

@@ -1,4 +1,8 @@
-"""``mae-service reconstruct``: the registered MAE (decoder included) on a few images of a dataset, as one PNG."""
+"""``mae-service reconstruct``: the registered MAE (decoder included) on a few images of a dataset, as one PNG.
+
+The picture itself is :func:`mae_service.model.pictures.reconstruction_grid`; this module loads the model from
+the registry and the images with Ray Data.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ def reconstruct_to_file(
     import torch
 
     from mae_service.data import eval_dataset, open_source
-    from mae_service.tracking.evaluate import init_ray
+    from mae_service.model.pictures import reconstruction_grid
+    from mae_service.runtime import init_ray
     from mae_service.tracking.registry import load_mae
-    from mae_service.train.pictures import reconstruction_grid
 
     path = Path(out)
     if path.suffix.lower() != ".png":

@@ -38,8 +38,10 @@ def report(cfg, result) -> None:
     if result.model_version is not None:
         mv = result.model_version
         print(f"registered:   models:/{mv.name}/{mv.version} (alias @{cfg.registry.alias})")
-        print(f"load it:      MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/python -c \"from mae_service.tracking "
-              f"import load_encoder; print(load_encoder('models:/{mv.name}@{cfg.registry.alias}'))\"")
+        print(
+            f'load it:      MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/python -c "from mae_service.tracking '
+            f"import load_encoder; print(load_encoder('models:/{mv.name}@{cfg.registry.alias}'))\""
+        )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -57,25 +59,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = out / "data"
     if not (data / "train").exists():
         print(f"writing a synthetic labelled image set to {data} …", file=sys.stderr)
-        synthesize(str(data), num_images=1200, image_size=64, classes=10, fmt="files", seed=0, val_fraction=0.25,
-                   progress=True)
-    overrides = [f"data.train_uri={data / 'train'}", f"data.val_uri={data / 'val'}",
-                 f"train.storage_path={out.resolve() / 'checkpoints'}",
-                 f"mlflow.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}", *args.overrides]
+        synthesize(
+            str(data), num_images=1200, image_size=64, classes=10, fmt="files", seed=0, val_fraction=0.25, progress=True
+        )
+    overrides = [
+        f"data.train_uri={data / 'train'}",
+        f"data.val_uri={data / 'val'}",
+        f"train.storage_path={out.resolve() / 'checkpoints'}",
+        f"mlflow.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}",
+        *args.overrides,
+    ]
     cfg = load_config(DEMO_CONFIG, overrides)
     from mae_service.train.driver import pretrain
 
     result = pretrain(cfg)
     report(cfg, result)
-    if result.model_version is not None:
+    if result.model_version is not None and cfg.data.val_uri:
         from mae_service.tracking import evaluate_model
 
-        m = evaluate_model(result.model_version.alias_uri, cfg.data.train_uri, cfg.data.val_uri,
-                           tracking_uri=result.tracking_uri, random_baseline=True, linear_probe=True,
-                           experiment=cfg.mlflow.experiment)
-        print(f"k-NN top-1 on the held-out split: {m['knn_top1']:.3f} (same architecture, random weights: "
-              f"{m['knn_top1_random_init']:.3f}); linear probe {m['linear_probe_top1']:.3f} "
-              f"(random: {m['linear_probe_top1_random_init']:.3f})")
-        print(f"look it up:   MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/mae-service models show "
-              f"{result.model_version.alias_uri}")
+        m = evaluate_model(
+            result.model_version.alias_uri,
+            cfg.data.train_uri,
+            cfg.data.val_uri,
+            tracking_uri=result.tracking_uri,
+            random_baseline=True,
+            linear_probe=True,
+            experiment=cfg.mlflow.experiment,
+        )
+        print(
+            f"k-NN top-1 on the held-out split: {m['knn_top1']:.3f} (same architecture, random weights: "
+            f"{m['knn_top1_random_init']:.3f}); linear probe {m['linear_probe_top1']:.3f} "
+            f"(random: {m['linear_probe_top1_random_init']:.3f})"
+        )
+        print(
+            f"look it up:   MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/mae-service models show "
+            f"{result.model_version.alias_uri}"
+        )
     return 0

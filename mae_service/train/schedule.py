@@ -22,7 +22,8 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed weights, and biases/norm scales (1-D) with no decay. Frozen tensors are left out."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -33,8 +34,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
-                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
     fused = any(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
 

@@ -23,9 +23,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{'mask':>6} {'width':>6} {'depth':>6} {metric:>10} {'step':>6}  stopped-early")
     for r in sorted(result.table, key=lambda r: (r["decoder_embed_dim"], r["mask_ratio"])):
         depth = r["decoder_depth"] if r["decoder_depth"] is not None else "-"
-        print(f"{r['mask_ratio']:>6g} {r['decoder_embed_dim']:>6} {depth!s:>6} {r[metric]:>10.4f} {r['step']:>6}  "
-              f"{'yes' if r['stopped_early'] else 'no'}{'  (failed)' if r['error'] else ''}")
-    if result.model_version is not None:
+        print(
+            f"{r['mask_ratio']:>6g} {r['decoder_embed_dim']:>6} {depth!s:>6} {r[metric]:>10.4f} {r['step']:>6}  "
+            f"{'yes' if r['stopped_early'] else 'no'}{'  (failed)' if r['error'] else ''}"
+        )
+    if result.model_version is not None and result.best is not None:
         mv = result.model_version
-        print(f"best:         {result.best['run_name']} → models:/{mv.name}/{mv.version} (alias @{cfg.tune.best_alias})")
+        print(
+            f"best:         {result.best['run_name']} → models:/{mv.name}/{mv.version} (alias @{cfg.tune.best_alias})"
+        )
     return 0

@@ -14,26 +14,44 @@ from mae_service.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
-TINY = ["model.name=mae_vit_tiny_patch16", "data.image_size=32", "model.patch_size=8", "model.decoder_embed_dim=32",
-        "model.decoder_depth=1", "model.decoder_num_heads=4", "train.batch_size=16", "data.shard_size=16",
-        "train.warmup_epochs=1", "train.lr=1e-3", "mlflow.log_system_metrics=false"]
+TINY = [
+    "model.name=mae_vit_tiny_patch16",
+    "data.image_size=32",
+    "model.patch_size=8",
+    "model.decoder_embed_dim=32",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=4",
+    "train.batch_size=16",
+    "data.shard_size=16",
+    "train.warmup_epochs=1",
+    "train.lr=1e-3",
+    "mlflow.log_system_metrics=false",
+]
 
 
 def submit(cluster: dict[str, str], script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     cmd = [str(RAY), "job", "submit", "--working-dir", str(ROOT), "--", "python", script, *args]
-    out = subprocess.run(cmd, env={**os.environ, **cluster}, cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(cmd, env={**os.environ, **cluster}, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-6000:] + out.stderr[-3000:]
     return out
 
 
 def test_pretrain_job_on_s3_resumes_when_resubmitted(local_cluster, s3_server, s3_bucket, mlflow_server):
-    synthesize(f"s3://{s3_bucket}/data", num_images=80, image_size=32, classes=4, fmt="files", seed=0,
-               val_fraction=0.2)
-    args = ["--config", "jobs/configs/demo.yaml", *TINY, f"data.train_uri=s3://{s3_bucket}/data/train",
-            f"data.val_uri=s3://{s3_bucket}/data/val", f"train.storage_path=s3://{s3_bucket}/ckpt",
-            "train.run_name=e2e", "train.epochs=3", "train.checkpoint_every_steps=2",
-            f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.experiment=e2e", "registry.model_name=e2e-encoder"]
+    synthesize(f"s3://{s3_bucket}/data", num_images=80, image_size=32, classes=4, fmt="files", seed=0, val_fraction=0.2)
+    args = [
+        "--config",
+        "jobs/configs/demo.yaml",
+        *TINY,
+        f"data.train_uri=s3://{s3_bucket}/data/train",
+        f"data.val_uri=s3://{s3_bucket}/data/val",
+        f"train.storage_path=s3://{s3_bucket}/ckpt",
+        "train.run_name=e2e",
+        "train.epochs=3",
+        "train.checkpoint_every_steps=2",
+        f"mlflow.tracking_uri={mlflow_server.uri}",
+        "mlflow.experiment=e2e",
+        "registry.model_name=e2e-encoder",
+    ]
     first = submit(local_cluster, "jobs/pretrain.py", *args, "train.max_steps=4")
     assert "step 4" in first.stdout
     second = submit(local_cluster, "jobs/pretrain.py", *args)
@@ -51,19 +69,34 @@ def test_pretrain_job_on_s3_resumes_when_resubmitted(local_cluster, s3_server, s
 
 
 def test_sweep_job(local_cluster, s3_server, s3_bucket, mlflow_server):
-    synthesize(f"s3://{s3_bucket}/data", num_images=120, image_size=32, classes=4, fmt="files", seed=1,
-               val_fraction=0.33)
-    submit(local_cluster, "jobs/sweep.py", "--config", "jobs/configs/sweep_demo.yaml", *TINY,
-           f"data.train_uri=s3://{s3_bucket}/data/train", f"data.val_uri=s3://{s3_bucket}/data/val",
-           f"train.storage_path=s3://{s3_bucket}/sweeps", "train.run_name=e2e-sweep", "train.epochs=2",
-           "train.eval_every_steps=2", "tune.mask_ratios=[0.75]", "tune.decoder_embed_dims=[32, 64]", f"mlflow.tracking_uri={mlflow_server.uri}",
-           "mlflow.experiment=e2e-sweep", "registry.model_name=e2e-sweep-encoder")
+    synthesize(
+        f"s3://{s3_bucket}/data", num_images=120, image_size=32, classes=4, fmt="files", seed=1, val_fraction=0.33
+    )
+    submit(
+        local_cluster,
+        "jobs/sweep.py",
+        "--config",
+        "jobs/configs/sweep_demo.yaml",
+        *TINY,
+        f"data.train_uri=s3://{s3_bucket}/data/train",
+        f"data.val_uri=s3://{s3_bucket}/data/val",
+        f"train.storage_path=s3://{s3_bucket}/sweeps",
+        "train.run_name=e2e-sweep",
+        "train.epochs=2",
+        "train.eval_every_steps=2",
+        "tune.mask_ratios=[0.75]",
+        "tune.decoder_embed_dims=[32, 64]",
+        f"mlflow.tracking_uri={mlflow_server.uri}",
+        "mlflow.experiment=e2e-sweep",
+        "registry.model_name=e2e-sweep-encoder",
+    )
     client = mlflow.MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("e2e-sweep")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`mae.role` = 'sweep'")
     assert len(parents) == 1
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
+    )
     assert len(children) == 2
     mv = client.get_model_version_by_alias("e2e-sweep-encoder", "best")
     assert mv.tags["sweep_run_id"] == parents[0].info.run_id

@@ -65,12 +65,16 @@ def test_ray_job_submit_runs_on_both_nodes(local_cluster, s3_server):
     env.pop("RAY_AUTH_TOKEN", None)
     proc = subprocess.run(
         [str(RAY), "job", "submit", "--working-dir", ".", "--", "python", "-c", PROBE],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "succeeded" in out
-    probe = json.loads(next(line for line in out.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
+    probe = json.loads(next(line for line in out.splitlines() if line.startswith("PROBE "))[len("PROBE ") :])
     assert probe["nodes"] == ["127.0.0.2", "127.0.0.3"]
     assert probe["resources"]["CPU"] == 4.0
     assert probe["resources"]["object_store_memory"] <= 2 * (1 << 30)

@@ -54,8 +54,10 @@ def collect(ds) -> dict[str, np.ndarray]:
 
 
 def fingerprints(cols: dict[str, np.ndarray]) -> list[tuple[int, str]]:
-    return sorted((int(lab), hashlib.sha1(img.tobytes()).hexdigest()) for lab, img in zip(cols["label"], cols["image"],
-                                                                                        strict=True))
+    return sorted(
+        (int(lab), hashlib.sha1(img.tobytes()).hexdigest())
+        for lab, img in zip(cols["label"], cols["image"], strict=True)
+    )
 
 
 def test_three_formats_read_the_same_labelled_images_from_s3(ray_data, data):
@@ -98,8 +100,10 @@ def test_same_seed_same_batches_and_resume_is_the_tail(ray_data, data, fmt, pref
 def test_two_ranks_get_equal_counts(ray_data, data):
     src = open_source(f"{data}/wds", "wds")
     per = samples_per_rank(src, 2, 8)
-    streams = [collect(train_dataset(src, rank=r, world_size=2, image_size=16, seed=3, batch_size=8, epochs=2))
-               for r in range(2)]
+    streams = [
+        collect(train_dataset(src, rank=r, world_size=2, image_size=16, seed=3, batch_size=8, epochs=2))
+        for r in range(2)
+    ]
     for s in streams:
         assert len(s["label"]) == 2 * per == 48
         assert np.bincount(s["epoch"]).tolist() == [per, per]
@@ -127,8 +131,10 @@ def test_shard_without_a_good_image_is_a_clear_error(ray_data, data):
 
 
 def test_missing_bucket_or_prefix_or_endpoint_fail_fast_naming_the_uri(s3_server):
-    for uri, why in [("s3://no-such-bucket-xyz/data", "does not exist"), (f"s3://{s3_server.make_bucket('empty-b')}/x",
-                                                                         "nothing found")]:
+    for uri, why in [
+        ("s3://no-such-bucket-xyz/data", "does not exist"),
+        (f"s3://{s3_server.make_bucket('empty-b')}/x", "nothing found"),
+    ]:
         t = time.monotonic()
         with pytest.raises(ValueError, match=why) as e:
             open_source(uri, "files")

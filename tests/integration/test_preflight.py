@@ -15,9 +15,16 @@ def test_bad_start_names_every_problem_before_any_cluster_work(s3_server, tmp_pa
     from mae_service.config import ConfigError
     from tests.servers import free_port
 
-    cfg = build_config({}, [*TINY, "data.train_uri=s3://no-such-bucket/train", f"data.val_uri={tmp_path / 'none'}",
-                            f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
-                            "train.storage_path=s3://no-such-bucket-either/ck"])
+    cfg = build_config(
+        {},
+        [
+            *TINY,
+            "data.train_uri=s3://no-such-bucket/train",
+            f"data.val_uri={tmp_path / 'none'}",
+            f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
+            "train.storage_path=s3://no-such-bucket-either/ck",
+        ],
+    )
     import ray
 
     ray_was_up = ray.is_initialized()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from mae_service.cli import main
-from mae_service.features import embed
+from mae_service.evaluation import embed
 from mae_service.model import create_model
 from mae_service.tracking import describe, list_versions, load_encoder, load_mae, promote, record_eval
 from mae_service.tracking import register_encoder as register
@@ -27,8 +28,15 @@ NAME = "tiny-encoder"
 
 def tiny_mae(seed: int):
     torch.manual_seed(seed)
-    return create_model("mae_vit_tiny_patch16", img_size=32, depth=2, decoder_embed_dim=32, decoder_depth=1,
-                        decoder_num_heads=4, mask_ratio=0.6).eval()
+    return create_model(
+        "mae_vit_tiny_patch16",
+        img_size=32,
+        depth=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=4,
+        mask_ratio=0.6,
+    ).eval()
 
 
 IMAGES = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
@@ -44,10 +52,21 @@ def registry(tmp_path_factory):
     os.chdir(root)
     try:
         model = tiny_mae(0)
-        reg = register(model, tracking_uri=uri, model_name=NAME, alias="current", run_id=None,
-                       tags={"data_uri": "s3://user:hunter22@bucket/train?X-Amz-Signature=abc", "steps": "12",
-                             "final_loss": "0.75", "config_digest": "abc123", "aws_secret_access_key": "nope"},
-                       checkpoint_uri="s3://bucket/ckpt/run/checkpoint_000012")
+        reg = register(
+            model,
+            tracking_uri=uri,
+            model_name=NAME,
+            alias="current",
+            run_id=None,
+            tags={
+                "data_uri": "s3://user:hunter22@bucket/train?X-Amz-Signature=abc",
+                "steps": "12",
+                "final_loss": "0.75",
+                "config_digest": "abc123",
+                "aws_secret_access_key": "nope",
+            },
+            checkpoint_uri="s3://bucket/ckpt/run/checkpoint_000012",
+        )
         yield {"uri": uri, "root": root, "model": model, "reg": reg}
     finally:
         os.chdir(cwd)
@@ -56,8 +75,12 @@ def registry(tmp_path_factory):
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Run ``mae-service …`` in this process; returns (exit code, stdout, stderr). Env changes are undone."""
-    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+    for key in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    ):
         old = os.environ.get(key)
         monkeypatch.setenv(key, old or "")  # recorded, so the CLI's setdefault is undone after the test
         if old is None:
@@ -101,9 +124,20 @@ def test_register_list_show_download_load(registry, cli, tmp_path):
     rc, out, err = cli("models", "download", f"models:/{NAME}/1", str(out_dir), "--hf", "--tracking-uri", uri)
     assert rc == 0, err
     hf_config = json.loads((out_dir / "hf" / "config.json").read_text())  # Hugging Face ViTMAE layout
-    assert hf_config["hidden_size"] == 192 and hf_config["image_size"] == 32 and (out_dir / "hf/model.safetensors").is_file()
-    for rel in ("MLmodel", "encoder_pyfunc.py", "requirements.txt", "artifacts/encoder.safetensors",
-                "artifacts/mae.safetensors", "artifacts/architecture.json", "registry.json"):
+    assert (
+        hf_config["hidden_size"] == 192
+        and hf_config["image_size"] == 32
+        and (out_dir / "hf/model.safetensors").is_file()
+    )
+    for rel in (
+        "MLmodel",
+        "encoder_pyfunc.py",
+        "requirements.txt",
+        "artifacts/encoder.safetensors",
+        "artifacts/mae.safetensors",
+        "artifacts/architecture.json",
+        "registry.json",
+    ):
         assert (out_dir / rel).is_file(), rel
     assert json.loads((out_dir / "registry.json").read_text())["tags"]["weights_sha256"] == reg.weights_sha256
     reqs = (out_dir / "requirements.txt").read_text()
@@ -137,8 +171,12 @@ def test_aliases_move_on_register_and_promote_and_evaluations_are_recorded(regis
     info1 = describe(f"models:/{NAME}/1", tracking_uri=uri)
     info2 = describe(f"models:/{NAME}@current", tracking_uri=uri)
     assert info1["aliases"] == [] and info2["version"] == 2 and info2["aliases"] == ["current"]
-    torch.testing.assert_close(embed(load_encoder(f"models:/{NAME}@current", tracking_uri=uri), IMAGES),
-                               embed(v2_model, IMAGES), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        embed(load_encoder(f"models:/{NAME}@current", tracking_uri=uri), IMAGES),
+        embed(v2_model, IMAGES),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert describe(f"models:/{NAME}/latest", tracking_uri=uri)["version"] == 2
 
     rc, out, _ = cli("models", "promote", NAME, "1", "--alias", "current", "--tracking-uri", uri)
@@ -148,11 +186,19 @@ def test_aliases_move_on_register_and_promote_and_evaluations_are_recorded(regis
     assert describe(f"models:/{NAME}@current", tracking_uri=uri)["version"] == 1
     assert promote(NAME, 2, "current", tracking_uri=uri) == 1
     assert promote(NAME, 1, "current", tracking_uri=uri) == 2
-    torch.testing.assert_close(embed(load_encoder(f"models:/{NAME}@current", tracking_uri=uri), IMAGES),
-                               embed(registry["model"], IMAGES), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        embed(load_encoder(f"models:/{NAME}@current", tracking_uri=uri), IMAGES),
+        embed(registry["model"], IMAGES),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
-    run_id = record_eval(f"models:/{NAME}@production", {"knn_top1": 0.625, "linear_probe_top1": 0.5},
-                         tracking_uri=uri, params={"train_data": "/data/train"})
+    run_id = record_eval(
+        f"models:/{NAME}@production",
+        {"knn_top1": 0.625, "linear_probe_top1": 0.5},
+        tracking_uri=uri,
+        params={"train_data": "/data/train"},
+    )
     tags = describe(f"models:/{NAME}/2", tracking_uri=uri)["tags"]
     assert tags["eval.knn_top1"] == "0.625" and tags["eval.run_id"] == run_id
     import mlflow
@@ -175,7 +221,7 @@ def test_fresh_process_without_mae_service_loads_by_alias(registry, tmp_path):
         from safetensors.torch import load_file
         import torch
         mlflow.set_tracking_uri({uri!r})
-        images = np.load({str(tmp_path / 'images.npy')!r})
+        images = np.load({str(tmp_path / "images.npy")!r})
         pyfunc = mlflow.pyfunc.load_model("models:/{NAME}@current")
         a = pyfunc.predict(images)
         folder = mlflow.artifacts.download_artifacts("models:/{NAME}@current")
@@ -185,12 +231,13 @@ def test_fresh_process_without_mae_service_loads_by_alias(registry, tmp_path):
         mean = torch.tensor(arch["mean"]).view(1, 3, 1, 1); std = torch.tensor(arch["std"]).view(1, 3, 1, 1)
         with torch.no_grad():
             b = enc((torch.from_numpy(images).float() / 255 - mean) / std).numpy()
-        np.save({str(tmp_path / 'a.npy')!r}, a); np.save({str(tmp_path / 'b.npy')!r}, b)
+        np.save({str(tmp_path / "a.npy")!r}, a); np.save({str(tmp_path / "b.npy")!r}, b)
         print("ok", "mae_service" in sys.modules and sys.modules["mae_service"] is not None)
     """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok False")
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), expected, rtol=1e-5, atol=1e-5)
@@ -202,7 +249,8 @@ def test_tampered_or_truncated_artifacts_are_refused(registry, cli):
     reg = register(tiny_mae(3), tracking_uri=uri, model_name="tamper-me", alias="current", run_id=None, tags={})
     import mlflow
 
-    base = Path(mlflow.MlflowClient(uri).get_model_version_download_uri(reg.name, str(reg.version)))
+    location = mlflow.MlflowClient(uri).get_model_version_download_uri(reg.name, str(reg.version))
+    base = Path(urllib.parse.urlsplit(location).path if location.startswith("file:") else location)
     weights, mae_file = base / "artifacts" / "encoder.safetensors", base / "artifacts" / "mae.safetensors"
     assert load_encoder(reg.alias_uri, tracking_uri=uri) is not None
 
@@ -271,8 +319,21 @@ def test_cli_missing_or_unreachable_registry_fails_fast(tmp_path, cli):
     assert rc == 2 and "does not exist" in err and not (tmp_path / "none.db").exists()
     port = free_port()
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mae_service", "models", "show", "models:/x@y", "--tracking-uri",
-                           f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mae_service",
+            "models",
+            "show",
+            "models:/x@y",
+            "--tracking-uri",
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and time.monotonic() - t0 < 30
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and str(port) in lines[0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mae_service.cli import main
-from mae_service.features import embed
+from mae_service.evaluation import embed
 from mae_service.model import create_model
 from mae_service.tracking import describe, download, list_versions, load_encoder, load_mae, record_eval
 from mae_service.tracking import register_encoder as register
@@ -26,8 +26,9 @@ IMAGES = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torc
 
 def tiny_mae(seed: int):
     torch.manual_seed(seed)
-    return create_model("mae_vit_tiny_patch16", img_size=32, depth=2, decoder_embed_dim=32, decoder_depth=1,
-                        decoder_num_heads=4).eval()
+    return create_model(
+        "mae_vit_tiny_patch16", img_size=32, depth=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +42,25 @@ def registered(mlflow_server):
     run = client.create_run(exp_id, run_name="pretrain")
     client.set_terminated(run.info.run_id)
     model = tiny_mae(0)
-    reg = register(model, tracking_uri=mlflow_server.uri, model_name=name, alias="current", run_id=run.info.run_id,
-                   tags={"data_uri": "s3://data/train", "steps": "5", "final_loss": "1.25", "config_digest": "d1"},
-                   checkpoint_uri="s3://ckpt/run/checkpoint_000005")
+    reg = register(
+        model,
+        tracking_uri=mlflow_server.uri,
+        model_name=name,
+        alias="current",
+        run_id=run.info.run_id,
+        tags={"data_uri": "s3://data/train", "steps": "5", "final_loss": "1.25", "config_digest": "d1"},
+        checkpoint_uri="s3://ckpt/run/checkpoint_000005",
+    )
     return {"name": name, "model": model, "reg": reg, "uri": mlflow_server.uri, "run_id": run.info.run_id}
 
 
 def _s3_keys(s3_server, bucket: str = "mlflow-artifacts") -> list[str]:
     c = s3_server.client()
-    return [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for o in page.get("Contents", [])]
+    return [
+        o["Key"]
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    ]
 
 
 def test_register_list_show_download_load_through_the_server(registered, s3_server, tmp_path, capsys):
@@ -89,8 +99,15 @@ def test_register_list_show_download_load_through_the_server(registered, s3_serv
 
 def test_tampered_object_on_s3_is_refused(mlflow_server, s3_server):
     uri = mlflow_server.uri
-    reg = register(tiny_mae(1), tracking_uri=uri, model_name=f"tamper-{uuid.uuid4().hex[:8]}", alias="current",
-                   run_id=None, tags={}, experiment=f"tamper-{uuid.uuid4().hex[:8]}")
+    reg = register(
+        tiny_mae(1),
+        tracking_uri=uri,
+        model_name=f"tamper-{uuid.uuid4().hex[:8]}",
+        alias="current",
+        run_id=None,
+        tags={},
+        experiment=f"tamper-{uuid.uuid4().hex[:8]}",
+    )
     key = next(k for k in _s3_keys(s3_server) if reg.model_id in k and k.endswith("artifacts/encoder.safetensors"))
     c = s3_server.client()
     body = bytearray(c.get_object(Bucket="mlflow-artifacts", Key=key)["Body"].read())
@@ -112,12 +129,33 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 def test_mlflow_models_serve_answers_embedding_requests(registered, tmp_path):
     name, model = registered["name"], registered["model"]
     port = free_port()
-    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": registered["uri"],
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the server execs uvicorn from PATH
+    env = {
+        **os.environ,
+        **QUIET_ENV,
+        "MLFLOW_TRACKING_URI": registered["uri"],
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # the server execs uvicorn from PATH
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@current",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{name}@current",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
     try:
         try:
             wait_http(f"http://127.0.0.1:{port}/ping", 150, proc)

@@ -16,9 +16,19 @@ from mae_service.config import build_config
 from mae_service.data.synth import synthesize
 from mae_service.train.driver import pretrain
 
-TINY = ["model.name=mae_vit_tiny_patch16", "data.image_size=32", "model.patch_size=8", "model.decoder_embed_dim=32",
-        "model.decoder_depth=1", "model.decoder_num_heads=4", "train.num_workers=2", "train.batch_size=16",
-        "data.shard_size=16", "train.warmup_epochs=1", "mlflow.log_system_metrics=false"]
+TINY = [
+    "model.name=mae_vit_tiny_patch16",
+    "data.image_size=32",
+    "model.patch_size=8",
+    "model.decoder_embed_dim=32",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=4",
+    "train.num_workers=2",
+    "train.batch_size=16",
+    "data.shard_size=16",
+    "train.warmup_epochs=1",
+    "mlflow.log_system_metrics=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +44,26 @@ def _history(tracking_uri, run_id, key):
 
 
 def test_pretrain_on_s3_with_mlflow_server(ray_local, s3_server, s3_bucket, mlflow_server, experiment_name):
-    synthesize(f"s3://{s3_bucket}/data", num_images=96, image_size=32, classes=4, fmt="files", seed=0,
-               val_fraction=0.25)
-    cfg = build_config({}, [*TINY, f"data.train_uri=s3://{s3_bucket}/data/train",
-                            f"data.val_uri=s3://{s3_bucket}/data/val", f"train.storage_path=s3://{s3_bucket}/ckpt",
-                            "train.run_name=s3run", "train.epochs=6", "train.lr=2e-3", "train.checkpoint_every_steps=12",
-                            "train.picture_every_steps=12", f"mlflow.tracking_uri={mlflow_server.uri}",
-                            f"mlflow.experiment={experiment_name}", "mlflow.log_system_metrics=true"])
+    synthesize(
+        f"s3://{s3_bucket}/data", num_images=96, image_size=32, classes=4, fmt="files", seed=0, val_fraction=0.25
+    )
+    cfg = build_config(
+        {},
+        [
+            *TINY,
+            f"data.train_uri=s3://{s3_bucket}/data/train",
+            f"data.val_uri=s3://{s3_bucket}/data/val",
+            f"train.storage_path=s3://{s3_bucket}/ckpt",
+            "train.run_name=s3run",
+            "train.epochs=6",
+            "train.lr=2e-3",
+            "train.checkpoint_every_steps=12",
+            "train.picture_every_steps=12",
+            f"mlflow.tracking_uri={mlflow_server.uri}",
+            f"mlflow.experiment={experiment_name}",
+            "mlflow.log_system_metrics=true",
+        ],
+    )
     result = pretrain(cfg)
     assert result.step == 24  # 72 train images / 2 ranks → 32 rows (4 micro-batches of 8) per rank per epoch × 6
 
@@ -65,10 +88,21 @@ def test_pretrain_on_s3_with_mlflow_server(ray_local, s3_server, s3_bucket, mlfl
 
 
 def _cfg(local_data, tmp_path, name, *extra):
-    return build_config({}, [*TINY, f"data.train_uri={local_data / 'train'}", f"train.storage_path={tmp_path / 'ck'}",
-                             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.run_name={name}",
-                             "train.epochs=4", "train.lr=1e-3", "train.checkpoint_every_steps=4", "registry.register=false",
-                             *extra])
+    return build_config(
+        {},
+        [
+            *TINY,
+            f"data.train_uri={local_data / 'train'}",
+            f"train.storage_path={tmp_path / 'ck'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"train.run_name={name}",
+            "train.epochs=4",
+            "train.lr=1e-3",
+            "train.checkpoint_every_steps=4",
+            "registry.register=false",
+            *extra,
+        ],
+    )
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run(ray_local, local_data, tmp_path):
@@ -95,8 +129,9 @@ def test_changed_settings_do_not_overwrite_a_run(ray_local, local_data, tmp_path
 
 
 def test_sigkilled_worker_is_recovered(ray_local, local_data, tmp_path):
-    cfg = _cfg(local_data, tmp_path, "killed", "train.epochs=6", "train.max_failures=2",
-               "train.checkpoint_every_steps=3")
+    cfg = _cfg(
+        local_data, tmp_path, "killed", "train.epochs=6", "train.max_failures=2", "train.checkpoint_every_steps=3"
+    )
     out: dict = {}
 
     def run():
@@ -112,8 +147,11 @@ def test_sigkilled_worker_is_recovered(ray_local, local_data, tmp_path):
     while not first_ckpt.exists() and th.is_alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert first_ckpt.exists(), out
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+    ]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[-1].pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -125,4 +163,3 @@ def test_sigkilled_worker_is_recovered(ray_local, local_data, tmp_path):
     loss = _history(f"sqlite:///{tmp_path / 'mlflow.db'}", result.mlflow_run_id, "loss")
     assert sorted(loss) == list(range(1, 19))
     assert time.monotonic() > killed_at
-

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mae_service.data import open_source
+from mae_service.data import formats, open_source
 from mae_service.data import pipeline as P
 from mae_service.data.synth import synthesize
 from tests.unit.test_decode import bad_objects
@@ -22,8 +22,9 @@ def run(src, *, train: bool, epochs: int = 1, world: int = 1, batch: int = 1) ->
     """What the Ray Data tasks would produce for rank 0, computed in this process."""
     if train:
         per = P.samples_per_rank(src, world, batch)
-        units = P.plan_rank(np.array([s.count for s in src.shards]), seed=0, rank=0, world_size=world, per_rank=per,
-                            epochs=epochs)
+        units = P.plan_rank(
+            np.array([s.count for s in src.shards]), seed=0, rank=0, world_size=world, per_rank=per, epochs=epochs
+        )
     else:
         units = np.array([(0, i, 0, s.count) for i, s in enumerate(src.shards)], np.int64)
     job = P._job(src, units, seed=0, image_size=16, train=train)
@@ -41,8 +42,9 @@ def test_parquet_struct_image_column_and_class_names(tmp_path):
     images = [{"bytes": png((i * 20, 0, 0)), "path": f"{i}.png"} for i in range(6)]
     table = pa.table({"image": images, "label": pa.array([0, 1, 2, 0, 1, 2], pa.int64())})
     hf = {"info": {"features": {"label": {"names": ["a", "b", "c"], "_type": "ClassLabel"}}}}
-    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(hf)}), tmp_path / "x.parquet",
-                   row_group_size=4)
+    pq.write_table(
+        table.replace_schema_metadata({"huggingface": json.dumps(hf)}), tmp_path / "x.parquet", row_group_size=4
+    )
     src = open_source(str(tmp_path), "parquet")
     assert src.image_column == "image.bytes" and src.label_column == "label" and src.class_names == ["a", "b", "c"]
     assert [s.count for s in src.shards] == [4, 2]
@@ -57,16 +59,16 @@ def test_parquet_without_image_column_is_a_clear_error(tmp_path):
         open_source(str(tmp_path), "parquet")
 
 
-@pytest.mark.parametrize("fmt", ["files", "wds", "parquet"])
+@pytest.mark.parametrize("fmt", formats.NAMES)
 def test_every_row_is_produced_once_per_epoch_and_bad_ones_replaced(tmp_path, fmt):
     synthesize(str(tmp_path / "img"), num_images=20, image_size=24, classes=4, seed=0)
     for k, (name, data) in enumerate(sorted(bad_objects().items())):
         (tmp_path / "img" / ("circle", "ring")[k % 2] / name).write_bytes(data)
-    if fmt != "files":
+    if fmt != formats.FOLDER:
         from mae_service.data.pack import pack
 
         pack(str(tmp_path / "img"), str(tmp_path / fmt), fmt=fmt, shard_size=8)
-    src = open_source(str(tmp_path / ("img" if fmt == "files" else fmt)), fmt, shard_size=8)
+    src = open_source(str(tmp_path / ("img" if fmt == formats.FOLDER else fmt)), fmt, shard_size=8)
     assert src.num_images == 24
     tr = run(src, train=True, epochs=2)
     assert len(tr["image"]) == 48 and tr["epoch"].tolist() == [0] * 24 + [1] * 24

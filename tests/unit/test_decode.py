@@ -27,8 +27,10 @@ def gradient(w: int, h: int) -> Image.Image:
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header declares a huge image (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -36,8 +38,12 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
 def bad_objects() -> dict[str, bytes]:
     """Objects that must be rejected: zero bytes, text, a truncated JPEG, a PNG bomb."""
     jpeg = encode(gradient(64, 64), "JPEG", quality=90)
-    return {"empty.jpg": b"", "text.jpg": b"this is not an image\n" * 5, "truncated.jpg": jpeg[: len(jpeg) // 2],
-            "bomb.png": png_bomb()}
+    return {
+        "empty.jpg": b"",
+        "text.jpg": b"this is not an image\n" * 5,
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "bomb.png": png_bomb(),
+    }
 
 
 MODE_CASES = {

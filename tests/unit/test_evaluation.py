@@ -1,8 +1,10 @@
-"""k-NN and linear probe on synthetic features; embeddings of MAE vs the exported timm encoder; the pyfunc."""
+"""k-NN and linear probe on synthetic features; embeddings of MAE vs the exported timm encoder; the pyfunc;
+the evaluation package's import rules."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import pytest
 import torch
 
 from mae_service.evaluation import knn_top1, linear_probe
-from mae_service.features import embed, encoder_from_mae, extract_features, extract_labelled_features, knn_eval
+from mae_service.evaluation.features import embed, extract_features, extract_labelled_features
 from mae_service.model import IMAGENET_MEAN, IMAGENET_STD, create_model
+from mae_service.model.export import to_timm_encoder
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
@@ -25,8 +28,9 @@ def _clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed:
 
 def _tiny_mae(**kw):
     torch.manual_seed(0)
-    return create_model("mae_vit_tiny_patch16", img_size=32, depth=2, decoder_embed_dim=32, decoder_depth=1,
-                        decoder_num_heads=4, **kw)
+    return create_model(
+        "mae_vit_tiny_patch16", img_size=32, depth=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, **kw
+    )
 
 
 # ---- kNN ----------------------------------------------------------------------------------------------------
@@ -35,8 +39,12 @@ def test_knn_separable_clusters_are_perfect_and_noise_is_chance():
     xv, yv = _clusters(10, 4, 16, 0.1, seed=0)
     assert knn_top1(xt, yt, xv, yv) == 1.0
     g = torch.Generator().manual_seed(1)
-    acc = knn_top1(torch.randn(400, 16, generator=g), torch.randint(0, 4, (400,), generator=g),
-                   torch.randn(400, 16, generator=g), torch.randint(0, 4, (400,), generator=g))
+    acc = knn_top1(
+        torch.randn(400, 16, generator=g),
+        torch.randint(0, 4, (400,), generator=g),
+        torch.randn(400, 16, generator=g),
+        torch.randint(0, 4, (400,), generator=g),
+    )
     assert 0.1 < acc < 0.45
 
 
@@ -79,8 +87,12 @@ def test_knn_is_scale_invariant_chunk_invariant_and_accepts_numpy():
     ],
 )
 def test_knn_bad_input_names_the_problem(kwargs, match):
-    args = dict(train_feats=torch.randn(6, 4), train_labels=torch.zeros(6, dtype=torch.long),
-                val_feats=torch.randn(3, 4), val_labels=torch.zeros(3, dtype=torch.long))
+    args = dict(
+        train_feats=torch.randn(6, 4),
+        train_labels=torch.zeros(6, dtype=torch.long),
+        val_feats=torch.randn(3, 4),
+        val_labels=torch.zeros(3, dtype=torch.long),
+    )
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k in args}
     with pytest.raises(ValueError, match=match):
         knn_top1(**{**args, **extra}, **kwargs)
@@ -109,7 +121,7 @@ def test_linear_probe_bad_input():
 # ---- features -------------------------------------------------------------------------------------------------
 def test_embed_of_mae_equals_the_exported_timm_encoder_and_restores_mode():
     model = _tiny_mae().train()
-    encoder = encoder_from_mae(model)
+    encoder = to_timm_encoder(model)
     imgs = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     a, b = embed(model, imgs), embed(encoder, imgs)
     assert a.shape == (5, 192) and a.dtype == torch.float32
@@ -124,7 +136,7 @@ def test_embed_follows_the_timm_architectures_pooling(pool, monkeypatch):
     model = _tiny_mae()
     name, kwargs = model.timm_architecture()
     monkeypatch.setattr(model, "timm_architecture", lambda: (name, {**kwargs, **pool}))
-    encoder = encoder_from_mae(model)  # built from the patched architecture: timm pools as configured
+    encoder = to_timm_encoder(model)  # built from the patched architecture: timm pools as configured
     imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(embed(model, imgs), embed(encoder, imgs), rtol=1e-5, atol=1e-5)
 
@@ -144,25 +156,33 @@ def test_extract_features_splits_batches_and_keeps_order():
     whole = embed(model, imgs)
     parts = extract_features(model, [imgs[:3].numpy(), imgs[3:]], batch_size=2)
     torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-5)
-    feats, labels = extract_labelled_features(model, [{"image": imgs[:4], "label": np.arange(4)},
-                                                      {"image": imgs[4:].numpy(), "label": np.arange(4, 7)}])
+    feats, labels = extract_labelled_features(
+        model, [{"image": imgs[:4], "label": np.arange(4)}, {"image": imgs[4:].numpy(), "label": np.arange(4, 7)}]
+    )
     torch.testing.assert_close(feats, whole, rtol=1e-5, atol=1e-5)
     assert labels.tolist() == list(range(7))
     with pytest.raises(ValueError, match="no images"):
         extract_features(model, [])
 
 
-def test_knn_eval_on_colour_classes_beats_chance():
+def test_knn_on_embeddings_of_colour_classes_is_perfect():
     # two classes that differ in colour: even a random encoder separates them
     g = torch.Generator().manual_seed(0)
+
     def batch(n):
         labels = torch.arange(n) % 2
-        base = torch.where(labels[:, None, None, None] == 0, torch.tensor([200, 30, 30]).view(1, 3, 1, 1),
-                           torch.tensor([30, 30, 200]).view(1, 3, 1, 1))
+        base = torch.where(
+            labels[:, None, None, None] == 0,
+            torch.tensor([200, 30, 30]).view(1, 3, 1, 1),
+            torch.tensor([30, 30, 200]).view(1, 3, 1, 1),
+        )
         noise = torch.randint(-20, 21, (n, 3, 32, 32), generator=g)
         return {"image": (base + noise).clamp(0, 255).to(torch.uint8), "label": labels}
-    acc = knn_eval(_tiny_mae(), [batch(20)], [batch(10)], k=5)
-    assert acc == 1.0
+
+    model = _tiny_mae()
+    xt, yt = extract_labelled_features(model, [batch(20)])
+    xv, yv = extract_labelled_features(model, [batch(10)])
+    assert knn_top1(xt, yt, xv, yv, k=5) == 1.0
 
 
 # ---- the pyfunc file is self-contained and agrees with the package ---------------------------------------------
@@ -177,30 +197,31 @@ def _load_pyfunc_module():
 def test_pyfunc_file_imports_nothing_from_the_package_and_matches_constants():
     mod, path = _load_pyfunc_module()
     text = path.read_text()
-    assert "mae_service" not in "\n".join(line for line in text.splitlines()
-                                          if line.startswith(("import", "from")))
-    from mae_service.tracking import registry
+    assert "mae_service" not in "\n".join(line for line in text.splitlines() if line.startswith(("import", "from")))
+    from mae_service.tracking import artifacts
 
-    assert mod.FORMAT == registry.FORMAT
-    assert mod.sha256_file(path) == registry.sha256_file(path)
+    assert mod.FORMAT == artifacts.FORMAT
+    assert mod.sha256_file(path) == artifacts.sha256_file(path)
     sys.modules.pop("encoder_pyfunc_under_test", None)
 
 
 def test_pyfunc_predict_equals_package_embeddings(tmp_path):
-    """The serving code path (load_context + predict) computes what mae_service.features.embed computes."""
+    """The serving code path (load_context + predict) computes what mae_service.evaluation.embed computes."""
     import json
 
     from safetensors.torch import save_file
 
-    from mae_service.tracking.registry import _stage_files
+    from mae_service.tracking.artifacts import stage_files
 
     model = _tiny_mae()
-    _stage_files(model, tmp_path)
+    stage_files(model, tmp_path)
     mod, _ = _load_pyfunc_module()
 
     class Ctx:
-        artifacts = {"weights": str(tmp_path / "encoder.safetensors"),
-                     "architecture": str(tmp_path / "architecture.json")}
+        artifacts = {
+            "weights": str(tmp_path / "encoder.safetensors"),
+            "architecture": str(tmp_path / "architecture.json"),
+        }
 
     pf = mod.EncoderModel()
     pf.load_context(Ctx)
@@ -218,3 +239,20 @@ def test_pyfunc_predict_equals_package_embeddings(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "encoder.safetensors"))
     with pytest.raises(ValueError, match="sha256"):
         mod.EncoderModel().load_context(Ctx)
+
+
+# ---- layering ---------------------------------------------------------------------------------------------------
+def test_evaluation_package_is_lazy_and_imports_nothing_above_it():
+    """``import mae_service.evaluation`` loads no torch; its modules load no MLflow and no tracking/train/tune."""
+    script = (
+        "import sys\n"
+        "import mae_service.evaluation as ev\n"
+        "assert 'torch' not in sys.modules, 'torch imported eagerly'\n"
+        "import mae_service.evaluation.features, mae_service.evaluation.knn, mae_service.evaluation.probes\n"
+        "assert ev.knn_metrics is mae_service.evaluation.knn.knn_metrics\n"
+        "above = [m for m in sys.modules if m == 'mlflow' or m.startswith(('mae_service.tracking', "
+        "'mae_service.train', 'mae_service.tune'))]\n"
+        "assert not above, above\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -30,8 +30,13 @@ def small_model(**kw) -> MaskedAutoencoder:
 
 # ---- presets and factory ----------------------------------------------------------------------------------------
 def test_model_names_and_presets():
-    assert {"mae_vit_tiny_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16", "mae_vit_large_patch16",
-            "mae_vit_huge_patch14"} <= set(MODEL_NAMES)
+    assert {
+        "mae_vit_tiny_patch16",
+        "mae_vit_small_patch16",
+        "mae_vit_base_patch16",
+        "mae_vit_large_patch16",
+        "mae_vit_huge_patch14",
+    } <= set(MODEL_NAMES)
     expected = {
         "mae_vit_tiny_patch16": (16, 192, 12, 3),
         "mae_vit_small_patch16": (16, 384, 12, 6),
@@ -42,7 +47,12 @@ def test_model_names_and_presets():
     for name, (p, d, depth, heads) in expected.items():
         cfg = preset(name)
         assert (cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["mlp_ratio"]) == (
-            p, d, depth, heads, 4.0)
+            p,
+            d,
+            depth,
+            heads,
+            4.0,
+        )
     preset("mae_vit_base_patch16")["embed_dim"] = 1  # a copy: the registry is not changed
     assert preset("mae_vit_base_patch16")["embed_dim"] == 768
 
@@ -63,7 +73,8 @@ def test_every_preset_builds_full_size_on_meta_and_runs_shallow(name):
     with torch.device("meta"):
         enc = timm.create_model(tname, pretrained=False, **kwargs)
     assert {k: v.shape for k, v in enc.state_dict().items()} == {
-        k: v.shape for k, v in m.encoder_state_dict_timm().items()}
+        k: v.shape for k, v in m.encoder_state_dict_timm().items()
+    }
     # a shallow real one runs forward and backward
     p = cfg["patch_size"]
     small = create_model(name, img_size=2 * p, depth=1, decoder_depth=1)
@@ -138,8 +149,9 @@ def test_normalize():
     imgs = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     out = normalize(imgs)
     assert out.dtype == torch.float32 and out.shape == imgs.shape and out.device == imgs.device
-    exp = (imgs.numpy().astype(np.float64) / 255.0 - np.array(IMAGENET_MEAN)[:, None, None]) / np.array(
-        IMAGENET_STD)[:, None, None]
+    exp = (imgs.numpy().astype(np.float64) / 255.0 - np.array(IMAGENET_MEAN)[:, None, None]) / np.array(IMAGENET_STD)[
+        :, None, None
+    ]
     np.testing.assert_allclose(out.numpy(), exp, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         normalize(imgs.float())
@@ -270,9 +282,9 @@ def _reference_sincos(dim: int, grid: int) -> np.ndarray:
         for c in range(grid):
             row = 1 + r * grid + c
             table[row, 0:quarter] = np.sin(c * omega)
-            table[row, quarter:2 * quarter] = np.cos(c * omega)
-            table[row, 2 * quarter:3 * quarter] = np.sin(r * omega)
-            table[row, 3 * quarter:] = np.cos(r * omega)
+            table[row, quarter : 2 * quarter] = np.cos(c * omega)
+            table[row, 2 * quarter : 3 * quarter] = np.sin(r * omega)
+            table[row, 3 * quarter :] = np.cos(r * omega)
     return table.astype(np.float32)
 
 
@@ -339,8 +351,9 @@ def _compare(m, hf, imgs, noise, norm_pix):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_parity_with_hf_tiny(attn):
     torch.manual_seed(1)
-    m = create_model("mae_vit_tiny_patch16", img_size=64, decoder_embed_dim=128, decoder_depth=2,
-                     decoder_num_heads=4).eval()
+    m = create_model(
+        "mae_vit_tiny_patch16", img_size=64, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4
+    ).eval()
     hf = _hf_twin(m, attn)
     g = torch.Generator().manual_seed(2)
     imgs = torch.randn(2, 3, 64, 64, generator=g)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mae_service.cli import main
-from mae_service.data import open_source
+from mae_service.data import formats, open_source
 from mae_service.data.decode import decode_image
 from mae_service.data.synth import CLASSES, draw_image, synthesize
 
@@ -51,7 +51,7 @@ def test_synth_is_fast(tmp_path):
     assert time.perf_counter() - t < 5
 
 
-@pytest.mark.parametrize("fmt", ["wds", "parquet"])
+@pytest.mark.parametrize("fmt", formats.PACK_TARGETS)  # the sharded formats, which write _index.json
 def test_synth_shards_are_listable(tmp_path, fmt):
     synthesize(str(tmp_path), num_images=50, image_size=16, classes=10, fmt=fmt, shard_size=20)
     index = json.loads((tmp_path / "_index.json").read_text())
@@ -70,8 +70,10 @@ def test_wds_listing_without_index_counts_tar_headers(tmp_path):
 
 def test_cli_synth_and_pack(tmp_path, capsys):
     assert main(["data", "synth", str(tmp_path / "img"), "--num-images", "40", "--image-size", "16"]) == 0
-    assert main(["data", "pack", str(tmp_path / "img"), str(tmp_path / "wds"), "--format", "wds",
-                 "--shard-size", "15"]) == 0
+    assert (
+        main(["data", "pack", str(tmp_path / "img"), str(tmp_path / "wds"), "--format", "wds", "--shard-size", "15"])
+        == 0
+    )
     src = open_source(str(tmp_path / "wds"), "wds")
     assert src.num_images == 40 and len(src.shards) == 3 and len(src.class_names) == 12
     assert main(["data", "pack", str(tmp_path / "img"), str(tmp_path / "pq"), "--format", "parquet"]) == 0

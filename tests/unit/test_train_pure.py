@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from mae_service.config import build_config, config_from_dict
+from mae_service.model.pictures import reconstruction_grid
+from mae_service.tracking.runs import redact, resolve_tracking_uri, sanitize_uri
 from mae_service.train.checkpoint import (
     CheckpointMeta,
     load_model_weights,
@@ -12,13 +14,19 @@ from mae_service.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from mae_service.train.driver import _config_changes, resolve_tracking_uri, sanitize_uri
-from mae_service.train.loop import build_model, mask_noise, optimizer_step
-from mae_service.train.pictures import reconstruction_grid
 from mae_service.train.schedule import lr_at, make_optimizer, param_groups
+from mae_service.train.step import StepPlan, build_model, mask_noise, optimizer_step
 
-TINY = ["model.name=mae_vit_tiny_patch16", "data.image_size=32", "model.patch_size=8", "model.decoder_embed_dim=32",
-        "model.decoder_depth=1", "model.decoder_num_heads=4", "train.batch_size=8", "train.num_workers=1"]
+TINY = [
+    "model.name=mae_vit_tiny_patch16",
+    "data.image_size=32",
+    "model.patch_size=8",
+    "model.decoder_embed_dim=32",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=4",
+    "train.batch_size=8",
+    "train.num_workers=1",
+]
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -61,8 +69,18 @@ def _setup():
 def test_optimizer_step_accumulates_like_one_big_batch():
     cfg, model, opt, scaler = _setup()
     imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    loss, skipped, sums = optimizer_step(model, model, opt, scaler, [imgs[:4], imgs[4:]], cfg=cfg,
-                                         device=torch.device("cpu"), rank=0, step=0, sums=(3.0, 0.25))
+    loss, skipped, sums = optimizer_step(
+        model,
+        model,
+        opt,
+        scaler,
+        [imgs[:4], imgs[4:]],
+        cfg=cfg,
+        device=torch.device("cpu"),
+        rank=0,
+        step=0,
+        sums=(3.0, 0.25),
+    )
     assert not skipped and math.isfinite(loss)
     assert sums == [3.0, 0.25]  # one rank: the caller's numbers come back unchanged
     assert opt.state, "the optimiser stepped"
@@ -76,8 +94,9 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights():
         p.data.fill_(float("nan"))
     before["decoder_pred.weight"] = model.decoder_pred.weight.clone()
     before["decoder_pred.bias"] = model.decoder_pred.bias.clone()
-    loss, skipped, _ = optimizer_step(model, model, opt, scaler, [bad], cfg=cfg, device=torch.device("cpu"), rank=0,
-                                      step=0)
+    loss, skipped, _ = optimizer_step(
+        model, model, opt, scaler, [bad], cfg=cfg, device=torch.device("cpu"), rank=0, step=0
+    )
     assert skipped and math.isnan(loss)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) or (torch.isnan(v).all() and torch.isnan(before[k]).all()), k
@@ -89,8 +108,9 @@ def test_checkpoint_roundtrip_without_pickle(tmp_path):
     cfg, model, opt, scaler = _setup()
     imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     optimizer_step(model, model, opt, scaler, [imgs], cfg=cfg, device=torch.device("cpu"), rank=0, step=0)
-    meta = CheckpointMeta(step=1, rows_per_rank=4, config=cfg.to_dict(), model_args=dict(model.model_args),
-                          mlflow_run_id="abc", loss=1.5)
+    meta = CheckpointMeta(
+        step=1, rows_per_rank=4, config=cfg.to_dict(), model_args=dict(model.model_args), mlflow_run_id="abc", loss=1.5
+    )
     save_checkpoint(tmp_path, model=model, optimizer=opt, scaler=scaler, meta=meta)
     back = read_meta(tmp_path)
     assert (back.step, back.rows_per_rank, back.mlflow_run_id, back.loss) == (1, 4, "abc", 1.5)
@@ -113,8 +133,11 @@ def test_reconstruction_picture_has_four_panels():
     assert img.size == (4 * 32, 3 * 32 + 2 * 2)
     arr = torch.from_numpy(np.array(img))
     # the pasted panel equals the original on visible patches: some 8x8 patch of panel 4 equals panel 1
-    same = [(arr[r:r + 8, c:c + 8] == arr[r:r + 8, 96 + c:96 + c + 8]).all().item()
-            for r in range(0, 32, 8) for c in range(0, 32, 8)]
+    same = [
+        (arr[r : r + 8, c : c + 8] == arr[r : r + 8, 96 + c : 96 + c + 8]).all().item()
+        for r in range(0, 32, 8)
+        for c in range(0, 32, 8)
+    ]
     assert 0 < sum(same) < 16
 
 
@@ -127,5 +150,18 @@ def test_credentials_never_reach_params():
 def test_resume_refuses_changed_learning_settings():
     a = build_config({}, TINY)
     b = build_config({}, [*TINY, "model.mask_ratio=0.5", "train.max_steps=10"])
-    changes = _config_changes(a.to_dict(), b)
+    changes = b.resume_conflicts(a.to_dict())
     assert len(changes) == 1 and "model.mask_ratio" in changes[0]
+
+
+def test_step_plan_is_the_one_step_count():
+    cfg = build_config({}, [*TINY, "train.epochs=3", "train.max_steps=7", "train.micro_batch_size=4"])
+    plan = StepPlan.for_config(cfg, rows_per_rank=40)  # batch 8 on 1 worker: 2 micro-batches of 4 per step
+    assert (plan.accum, plan.rows_per_step, plan.steps_per_epoch) == (2, 8, 5)
+    assert (plan.schedule_steps, plan.total_steps) == (15, 7)
+    assert StepPlan(**plan.to_dict()) == plan
+
+
+def test_secrets_in_env_are_redacted(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-123")
+    assert redact("endpoint http://u:p@host:9000 key s3cr3t-value-123") == "endpoint http://host:9000 key <redacted>"

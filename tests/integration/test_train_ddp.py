@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mae_service.config import build_config
-from mae_service.train.loop import build_model, optimizer_step
 from mae_service.train.schedule import make_optimizer
+from mae_service.train.step import build_model, optimizer_step
 from tests.servers import free_port
 from tests.unit.test_train_pure import TINY
 
@@ -30,8 +30,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         g = torch.Generator().manual_seed(rank)
         imgs = [torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g) for _ in range(2)]
         cpu = torch.device("cpu")
-        results = [optimizer_step(ddp, core, opt, scaler, imgs, cfg=cfg, device=cpu, rank=rank, step=0,
-                                  sums=(float(rank + 1), 0.5))]
+        results = [
+            optimizer_step(
+                ddp, core, opt, scaler, imgs, cfg=cfg, device=cpu, rank=rank, step=0, sums=(float(rank + 1), 0.5)
+            )
+        ]
         after_good = {k: v.clone() for k, v in core.state_dict().items()}
         # step 1: only rank 1's loss is non-finite (its prediction head outputs NaN)
         if rank == 1:
@@ -44,8 +47,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # step 2: both finite again: the ranks still step together
         results.append(optimizer_step(ddp, core, opt, scaler, imgs, cfg=cfg, device=cpu, rank=rank, step=2))
         flat = torch.cat([p.detach().reshape(-1) for p in core.parameters()])
-        torch.save({"results": [tuple(r) for r in results], "unchanged": unchanged, "grads_cleared": grads_cleared,
-                    "flat": flat}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "results": [tuple(r) for r in results],
+                "unchanged": unchanged,
+                "grads_cleared": grads_cleared,
+                "flat": flat,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """Reconstruction pictures like the paper's Figure 2: original | masked | reconstruction | reconstruction + visible.
 
-Pure torch + PIL; used by the trainer (logged to MLflow every N steps) and by ``mae-service reconstruct``.
+Owns the picture of one batch; pure torch + PIL (imports only :mod:`mae_service.model.mae`). Used by the trainer
+(logged to MLflow every N steps) and by ``mae-service reconstruct`` (:mod:`mae_service.tracking.pictures`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mae_service.model import IMAGENET_MEAN, IMAGENET_STD, normalize
+from mae_service.model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoder, normalize
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -21,8 +22,14 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def reconstruction_grid(model: torch.nn.Module, images: torch.Tensor, *, mask_ratio: float | None = None,
-                        seed: int = 0, max_images: int = 4) -> Image.Image:
+def reconstruction_grid(
+    model: MaskedAutoencoder,
+    images: torch.Tensor,
+    *,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    max_images: int = 4,
+) -> Image.Image:
     """Run ``model`` (a MaskedAutoencoder, not DDP-wrapped) on up to ``max_images`` uint8 images [N,3,H,W].
 
     The mask comes from ``seed``, so pictures at different steps show the same masks. With norm-pix loss the

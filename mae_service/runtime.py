@@ -1,0 +1,64 @@
+"""Starting or joining Ray, and checking that a job can be scheduled on what the cluster has.
+
+Owns: ``ray.init`` (on loopback when local), the resource checks that turn "waits forever" into an error.
+Imports: Ray (lazily) and nothing from the rest of ``mae_service`` — every caller passes numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_OBJECT_STORE_BYTES = 1 << 30
+
+
+def init_ray(cpus_needed: float = 0.0, *, dashboard: bool = False) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (or the one a Ray job runs in), else start a local Ray on 127.0.0.1.
+
+    A local Ray gets at least 4 logical CPUs and at least ``cpus_needed`` rounded up: Ray Train workers and Ray
+    Data tasks must both fit, or the job waits forever for resources. Test traffic must stay on loopback, so the
+    node, and the dashboard when wanted, bind 127.0.0.1. Does nothing when Ray is already initialised.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    object_store = min(2 << 30, int(os.environ.get("MAE_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)))
+    ray.init(
+        num_cpus=max(4, int(cpus_needed + 0.999)),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        object_store_memory=object_store,
+    )
+
+
+def cluster_cpus_gpus() -> tuple[float, float]:
+    """``(CPUs, GPUs)`` the cluster has in total."""
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def resource_problems(
+    *, num_workers: int, cpus_per_worker: float, use_gpu: bool, decode_cpus: float, what: str = "the job"
+) -> list[str]:
+    """Why ``num_workers`` training workers plus one decode task can never be scheduled here (empty: they can)."""
+    cpus, gpus = cluster_cpus_gpus()
+    problems = []
+    if use_gpu and gpus < num_workers:
+        problems.append(
+            f"train.num_workers={num_workers} with train.use_gpu=true needs {num_workers} GPUs for "
+            f"{what}; the cluster has {gpus:g}"
+        )
+    train_cpus = num_workers * cpus_per_worker
+    if cpus - train_cpus < decode_cpus:
+        problems.append(
+            f"train.num_workers={num_workers} × train.cpus_per_worker={cpus_per_worker:g} leaves "
+            f"{cpus - train_cpus:g} of the cluster's {cpus:g} CPUs for data decoding, which needs "
+            f"data.decode_cpus={decode_cpus:g}"
+        )
+    return problems
