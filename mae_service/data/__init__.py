@@ -8,7 +8,7 @@ shards (:mod:`~mae_service.data.source`), the per-rank read plan and the Ray Dat
 ``mae-service data`` subcommands (:mod:`~mae_service.data.commands`).
 
 May import: the standard library, numpy, pyarrow, PIL, boto3/botocore, tqdm (progress bars) and ``ray.data`` (in
-:mod:`~mae_service.data.pipeline` only, inside functions); nothing from other ``mae_service`` packages, which
+:mod:`~mae_service.data.pipeline` only, inside functions); nothing from other ``mae_service`` packages (but ``mae_service.lazy``), which
 import this one instead. ``import mae_service.data`` and ``mae_service.data.formats`` import nothing heavy.
 
 Public interface (imported lazily so ``import mae_service.data`` stays light; Ray loads only with the datasets)::
@@ -25,15 +25,16 @@ Pure decoding/augmentation lives in :mod:`mae_service.data.decode`, synthetic da
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from mae_service.lazy import lazy_exports
 
 _EXPORTS = {  # name → module; FORMATS is formats.NAMES
     "open_source": "mae_service.data.source",
     "samples_per_rank": "mae_service.data.source",
     "Source": "mae_service.data.source",
     "Shard": "mae_service.data.source",
-    "FORMATS": "mae_service.data.formats",
+    "FORMATS": "mae_service.data.formats:NAMES",
     "train_dataset": "mae_service.data.pipeline",
     "eval_dataset": "mae_service.data.pipeline",
     "ingest_options": "mae_service.data.pipeline",
@@ -71,7 +72,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from mae_service.data.synth import synthesize
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), "NAMES" if name == "FORMATS" else name)
-    raise AttributeError(f"module 'mae_service.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,9 @@ Public interface::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mae_service.lazy import lazy_exports
 
 _EXPORTS = {
     "embed": "mae_service.evaluation.features",
@@ -49,7 +50,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from mae_service.evaluation.probes import linear_probe
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mae_service.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,9 @@ Pure package: imports torch and timm, never Ray or MLflow. Names load lazily, so
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from mae_service.lazy import lazy_exports
 
 _EXPORTS = {
     "IMAGENET_MEAN": "mae_service.model.mae",
@@ -39,7 +40,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from mae_service.model.presets import MODEL_NAMES, OVERRIDE_KEYS, preset
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mae_service.model' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -69,6 +69,8 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
         model_args: dict[str, Any] | None = None,
     ):
+        """The whole architecture in one place, encoder then decoder, as the paper's Figure 1 reads; long only
+        because it is a list of plain assignments, kept together on purpose."""
         super().__init__()
         _validate_arch(
             img_size,

@@ -20,8 +20,9 @@ MLflow, torch and timm load on first use of a function.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mae_service.lazy import lazy_exports
 
 _EXPORTS = {
     "register_encoder": "mae_service.tracking.register",
@@ -60,7 +61,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from mae_service.tracking.uris import ModelRef, parse_model_uri
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mae_service.tracking' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mae_service.config.fields import model_name_problem
 from mae_service.tracking.artifacts import (
     ARCH_FILE,
     ENCODER_FILE,
@@ -174,8 +175,8 @@ def _checked_mae(model: nn.Module, model_name: str, alias: str) -> MaskedAutoenc
     core = unwrap(model)
     if not is_mae(core):
         raise ValueError(f"register_encoder needs a MaskedAutoencoder, got {type(core).__name__}")
-    if not model_name or not isinstance(model_name, str) or "/" in model_name or "@" in model_name:
-        raise ValueError(f"model_name {model_name!r}: must be a non-empty name without '/' or '@'")
+    if problem := model_name_problem(model_name):
+        raise ValueError(f"model_name {model_name!r}: {problem}")
     check_alias(alias)
     return core
 

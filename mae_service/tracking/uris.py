@@ -13,14 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mae_service.config.fields import alias_problem
 from mae_service.tracking.runs import resolve_tracking_uri
 
 T = TypeVar("T")
 
 _URI_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 _URI_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[^/@]+)$")
-_ALIAS_OK = re.compile(r"^[\w\-]+$")
-_ALIAS_RESERVED_VERSION = re.compile(r"^[vV]\d+$")
 
 
 # ---- model URIs ---------------------------------------------------------------------------------------------
@@ -53,14 +52,10 @@ def parse_model_uri(uri: str) -> ModelRef:
 
 
 def check_alias(alias: str) -> str:
-    """ValueError unless ``alias`` is a name MLflow accepts as an alias."""
-    if not isinstance(alias, str) or not _ALIAS_OK.match(alias) or len(alias) > 255:
-        raise ValueError(f"alias {alias!r}: must be 1-255 letters, digits, '_' or '-'")
-    if alias.lower() == "latest" or _ALIAS_RESERVED_VERSION.match(alias):
-        raise ValueError(
-            f"alias {alias!r} is reserved by MLflow ('latest' and v<number> are not allowed); "
-            "pick a name such as current, best or production"
-        )
+    """ValueError unless ``alias`` is a name MLflow accepts as an alias (the rule the config checks too)."""
+    problem = alias_problem(alias)
+    if problem:
+        raise ValueError(f"alias {alias!r}: {problem}; pick a name such as current, best or production")
     return alias
 
 

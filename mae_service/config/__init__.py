@@ -3,7 +3,7 @@
 Layers, merged once: defaults ← ``$MLFLOW_TRACKING_URI`` ← a YAML file ← ``section.key=value`` overrides. The
 result is validated before any cluster resource is used; one :class:`ConfigError` names every bad value.
 
-Each field is declared once with :func:`_f`: default, one-line doc, value checks, and ``defines_run`` (the field
+Each field is declared once (:func:`mae_service.config.fields.declare`): default, one-line doc, value checks, and ``defines_run`` (the field
 defines what a run learns). :meth:`Config.digest` and :meth:`Config.resume_conflicts` use exactly those fields;
 the others (locations, logging cadence, workers, precision) may change when a run resumes from its checkpoint.
 Imports neither torch, Ray nor MLflow.
@@ -15,160 +15,129 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
+from mae_service.config.fields import (
+    WHERE,
+    ConfigError,
+    beta,
+    coerce,
+    filled,
+    ge,
+    is_alias,
+    is_model_name,
+    one_of,
+    plain_name,
+    positive,
+    server_uri,
+    unit,
+)
+from mae_service.config.fields import declare as _f
 from mae_service.data.formats import NAMES as _FORMATS
 from mae_service.model.presets import MODEL_NAMES, preset
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DECODE_DEVICES = ("cpu", "cuda")
-Check = Callable[[Any], "str | None"]  # what is wrong with a value ("must be ≥ 1", "is empty"), or None
-
-
-class ConfigError(ValueError):
-    """Every problem found in a configuration, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
-
-
-# ---- field declarations and their checks ---------------------------------------------------------------------
-def _f(default: Any, doc: str, *checks: Check, each: Check | None = None, defines_run: bool = False) -> Any:
-    """A field. ``checks`` test its value (unless None; the first failure is reported), ``each`` every item of a
-    list; ``defines_run``: part of what the run learns (:meth:`Config.digest`, :meth:`Config.resume_conflicts`)."""
-    meta = {"doc": doc, "checks": checks, "each": each, "defines_run": defines_run}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _rule(ok: Callable[[Any], Any], problem: str) -> Check:
-    return lambda v: None if ok(v) else problem
-
-
-def _ge(lo: float, note: str = "") -> Check:
-    return _rule(lambda v: v >= lo, f"must be ≥ {lo}{note}")
-
-
-def _one_of(*allowed: str) -> Check:
-    return _rule(lambda v: v in allowed, f"allowed {', '.join(allowed)}")
-
-
-def _filled(hint: str = "") -> Check:
-    return _rule(lambda v: v.strip() if isinstance(v, str) else v, "is empty" + (hint and f": {hint}"))
-
-
-_pos = _rule(lambda v: v > 0, "must be positive")
-_unit = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
-_beta = _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
-_WHERE = "give s3://bucket/prefix or a local"
-_plain = _rule(
-    lambda v: v and "/" not in v and not v.startswith("."), "must be a plain name (no '/', not starting with '.')"
-)
-_server = _rule(
-    lambda v: "://" in v and not v.startswith("file:"),
-    "MLflow 3 needs a database or server URI (sqlite:///mlflow.db, http://host:5000)",
-)
-_model_name = _rule(
-    lambda v: len(v) <= 255 and not set(v) & set("/:@") and v not in (".", ".."),
-    "a registered model name has at most 255 characters and no '/', ':' or '@' (models:/NAME@ALIAS)",
-)
-_alias = _rule(
-    lambda v: re.fullmatch(r"[\w-]{1,255}", v) and v.lower() != "latest" and not re.fullmatch(r"[vV]\d+", v),
-    "an alias is 1–255 letters, digits, '_' or '-', and not 'latest' or v<number> (MLflow reserves those)",
-)
+__all__ = [
+    "AMP_MODES",
+    "DECODE_DEVICES",
+    "Config",
+    "ConfigError",
+    "build_config",
+    "config_from_dict",
+    "load_config",
+    "validate",
+]
 
 
 # ---- sections ------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    train_uri: str = _f("demo_out/data/train", "Training images (s3:// or local).", _filled(_WHERE + " path"))
+    train_uri: str = _f("demo_out/data/train", "Training images (s3:// or local).", filled(WHERE + " path"))
     val_uri: str | None = _f(None, "Labelled held-out images for k-NN evaluation (sweeps, end of training).")
-    format: str = _f("files", "files (class folders), wds or parquet.", _one_of(*_FORMATS), defines_run=True)
-    image_size: int = _f(224, "Side of the square crops fed to the model.", _pos, defines_run=True)
+    format: str = _f("files", "files (class folders), wds or parquet.", one_of(*_FORMATS), defines_run=True)
+    image_size: int = _f(224, "Side of the square crops fed to the model.", positive, defines_run=True)
     s3_endpoint: str | None = _f(None, "Endpoint of an S3-compatible store; default $AWS_ENDPOINT_URL.")
-    shard_size: int = _f(256, "Loose files per Ray Data read task.", _pos, defines_run=True)
-    decode_cpus: float = _f(1.0, "Logical CPUs each Ray Data decode task asks for.", _pos)
-    decode_device: str = _f("cpu", "Where images are decoded: cpu or cuda.", _one_of(*DECODE_DEVICES))
+    shard_size: int = _f(256, "Loose files per Ray Data read task.", positive, defines_run=True)
+    decode_cpus: float = _f(1.0, "Logical CPUs each Ray Data decode task asks for.", positive)
+    decode_device: str = _f("cpu", "Where images are decoded: cpu or cuda.", one_of(*DECODE_DEVICES))
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("mae_vit_base_patch16", "Encoder preset.", _one_of(*MODEL_NAMES), defines_run=True)
-    patch_size: int | None = _f(None, "Patch side in pixels; None keeps the preset's.", _pos, defines_run=True)
-    mask_ratio: float = _f(0.75, "Fraction of patches removed from each image.", _unit, defines_run=True)
+    name: str = _f("mae_vit_base_patch16", "Encoder preset.", one_of(*MODEL_NAMES), defines_run=True)
+    patch_size: int | None = _f(None, "Patch side in pixels; None keeps the preset's.", positive, defines_run=True)
+    mask_ratio: float = _f(0.75, "Fraction of patches removed from each image.", unit, defines_run=True)
     norm_pix_loss: bool = _f(True, "Loss on per-patch normalised pixels (the paper's choice).", defines_run=True)
-    decoder_embed_dim: int = _f(512, "Decoder width.", _pos, defines_run=True)
-    decoder_depth: int = _f(8, "Decoder blocks.", _ge(1), defines_run=True)
-    decoder_num_heads: int = _f(16, "Decoder attention heads.", _pos, defines_run=True)
+    decoder_embed_dim: int = _f(512, "Decoder width.", positive, defines_run=True)
+    decoder_depth: int = _f(8, "Decoder blocks.", ge(1), defines_run=True)
+    decoder_num_heads: int = _f(16, "Decoder attention heads.", positive, defines_run=True)
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = _f(2, "Ray Train workers (DDP ranks).", _ge(1))
+    num_workers: int = _f(2, "Ray Train workers (DDP ranks).", ge(1))
     use_gpu: bool = _f(False, "One GPU per worker.")
-    cpus_per_worker: float = _f(1.0, "Logical CPUs each worker asks for.", _pos)
-    epochs: int = _f(1, "Passes over the training set (the schedule's length).", _ge(1), defines_run=True)
-    max_steps: int | None = _f(None, "Stop after this many optimiser steps (None: all epochs).", _ge(1, " or null"))
-    batch_size: int = _f(4096, "Global batch per optimiser step (all workers together).", _ge(1), defines_run=True)
-    micro_batch_size: int | None = _f(None, "Per-worker batch per forward pass; None: no accumulation.", _ge(1))
-    blr: float = _f(1.5e-4, "Base learning rate: lr = blr × batch_size / 256.", _pos, defines_run=True)
-    lr: float | None = _f(None, "Absolute learning rate; overrides blr when set.", _pos, defines_run=True)
-    min_lr: float = _f(0.0, "Floor of the cosine schedule.", _ge(0), defines_run=True)
-    weight_decay: float = _f(0.05, "AdamW weight decay.", _ge(0), defines_run=True)
-    warmup_epochs: float = _f(40.0, "Linear warm-up length in epochs.", _ge(0), defines_run=True)
-    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas.", each=_beta, defines_run=True)
-    amp: str = _f("auto", "Autocast: auto (bf16 where supported), bf16, fp16 (GPU), none.", _one_of(*AMP_MODES))
+    cpus_per_worker: float = _f(1.0, "Logical CPUs each worker asks for.", positive)
+    epochs: int = _f(1, "Passes over the training set (the schedule's length).", ge(1), defines_run=True)
+    max_steps: int | None = _f(None, "Stop after this many optimiser steps (None: all epochs).", ge(1, " or null"))
+    batch_size: int = _f(4096, "Global batch per optimiser step (all workers together).", ge(1), defines_run=True)
+    micro_batch_size: int | None = _f(None, "Per-worker batch per forward pass; None: no accumulation.", ge(1))
+    blr: float = _f(1.5e-4, "Base learning rate: lr = blr × batch_size / 256.", positive, defines_run=True)
+    lr: float | None = _f(None, "Absolute learning rate; overrides blr when set.", positive, defines_run=True)
+    min_lr: float = _f(0.0, "Floor of the cosine schedule.", ge(0), defines_run=True)
+    weight_decay: float = _f(0.05, "AdamW weight decay.", ge(0), defines_run=True)
+    warmup_epochs: float = _f(40.0, "Linear warm-up length in epochs.", ge(0), defines_run=True)
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas.", each=beta, defines_run=True)
+    amp: str = _f("auto", "Autocast: auto (bf16 where supported), bf16, fp16 (GPU), none.", one_of(*AMP_MODES))
     compile: bool = _f(False, "torch.compile the model.")
     seed: int = _f(0, "Seed of the weights, masks and data order.", defines_run=True)
-    storage_path: str = _f("demo_out/checkpoints", "Checkpoint root (s3:// or local).", _filled(_WHERE + " folder"))
-    run_name: str | None = _f(None, "Same run name → the job continues that run from its last checkpoint.", _plain)
-    max_failures: int = _f(2, "Restarts after a worker failure (-1: unlimited).", _ge(-1, " (-1: unlimited)"))
-    checkpoint_every_steps: int = _f(50, "Optimiser steps between checkpoints.", _ge(1))
-    keep_checkpoints: int = _f(2, "Most recent checkpoints kept.", _ge(1))
-    log_every_steps: int = _f(1, "Optimiser steps between metric logs.", _ge(1))
-    picture_every_steps: int = _f(100, "Optimiser steps between reconstruction pictures.", _ge(1))
-    eval_every_steps: int = _f(0, "Steps between k-NN evaluations on data.val_uri (0: only at the end).", _ge(0))
-    knn_k: int = _f(20, "Neighbours of the k-NN evaluation.", _ge(1), defines_run=True)
-    max_nonfinite_skips: int = _f(10, "Non-finite losses in a row skipped before a rollback.", _ge(0), defines_run=True)
+    storage_path: str = _f("demo_out/checkpoints", "Checkpoint root (s3:// or local).", filled(WHERE + " folder"))
+    run_name: str | None = _f(None, "Same run name → the job continues that run from its last checkpoint.", plain_name)
+    max_failures: int = _f(2, "Restarts after a worker failure (-1: unlimited).", ge(-1, " (-1: unlimited)"))
+    checkpoint_every_steps: int = _f(50, "Optimiser steps between checkpoints.", ge(1))
+    keep_checkpoints: int = _f(2, "Most recent checkpoints kept.", ge(1))
+    log_every_steps: int = _f(1, "Optimiser steps between metric logs.", ge(1))
+    picture_every_steps: int = _f(100, "Optimiser steps between reconstruction pictures.", ge(1))
+    eval_every_steps: int = _f(0, "Steps between k-NN evaluations on data.val_uri (0: only at the end).", ge(0))
+    knn_k: int = _f(20, "Neighbours of the k-NN evaluation.", ge(1), defines_run=True)
+    max_nonfinite_skips: int = _f(10, "Non-finite losses in a row skipped before a rollback.", ge(0), defines_run=True)
 
 
 @dataclass
 class TuneConfig:
-    num_samples: int = _f(1, "Repeats of the grid (grid search over the lists below).", _ge(1))
+    num_samples: int = _f(1, "Repeats of the grid (grid search over the lists below).", ge(1))
     mask_ratios: list[float] = _f(
-        [0.5, 0.75, 0.9], "Grid of model.mask_ratio.", _filled("give at least one ratio in (0, 1)"), each=_unit
+        [0.5, 0.75, 0.9], "Grid of model.mask_ratio.", filled("give at least one ratio in (0, 1)"), each=unit
     )
     decoder_embed_dims: list[int] = _f(
-        [256, 512], "Grid of model.decoder_embed_dim.", _filled("give at least one width"), each=_pos
+        [256, 512], "Grid of model.decoder_embed_dim.", filled("give at least one width"), each=positive
     )
-    decoder_depths: list[int] = _f([], "Grid of model.decoder_depth; empty: keep model.decoder_depth.", each=_ge(1))
-    metric: str = _f("knn_top1", "Objective the trials report (k-NN top-1 on data.val_uri).", _one_of("knn_top1"))
-    scheduler: str = _f("asha", "asha (stop poor trials early) or none.", _one_of("asha", "none"))
-    grace_period: int = _f(1, "ASHA: evaluations a trial gets before it can be stopped.", _ge(1))
-    reduction_factor: int = _f(2, "ASHA: 1/reduction_factor of the trials go on at each rung.", _ge(2))
-    max_concurrent_trials: int = _f(0, "Trials at once; 0: as many as the cluster's resources allow.", _ge(0))
-    best_alias: str = _f("best", "Registry alias given to the best trial's encoder.", _alias)
+    decoder_depths: list[int] = _f([], "Grid of model.decoder_depth; empty: keep model.decoder_depth.", each=ge(1))
+    metric: str = _f("knn_top1", "Objective the trials report (k-NN top-1 on data.val_uri).", one_of("knn_top1"))
+    scheduler: str = _f("asha", "asha (stop poor trials early) or none.", one_of("asha", "none"))
+    grace_period: int = _f(1, "ASHA: evaluations a trial gets before it can be stopped.", ge(1))
+    reduction_factor: int = _f(2, "ASHA: 1/reduction_factor of the trials go on at each rung.", ge(2))
+    max_concurrent_trials: int = _f(0, "Trials at once; 0: as many as the cluster's resources allow.", ge(0))
+    best_alias: str = _f("best", "Registry alias given to the best trial's encoder.", is_alias)
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = _f("sqlite:///mlflow.db", "Tracking store; unset: $MLFLOW_TRACKING_URI.", _filled(), _server)
-    experiment: str = _f("mae-service", "Experiment the runs are logged under.", _filled())
+    tracking_uri: str = _f("sqlite:///mlflow.db", "Tracking store; unset: $MLFLOW_TRACKING_URI.", filled(), server_uri)
+    experiment: str = _f("mae-service", "Experiment the runs are logged under.", filled())
     log_system_metrics: bool = _f(True, "Log CPU, GPU and memory use with each run.")
 
 
 @dataclass
 class RegistryConfig:
-    model_name: str = _f("mae-encoder", "Registered model the encoder becomes a version of.", _filled(), _model_name)
-    alias: str = _f("current", "Alias set on the new version (models:/NAME@ALIAS).", _alias)
+    model_name: str = _f("mae-encoder", "Registered model the encoder becomes a version of.", filled(), is_model_name)
+    alias: str = _f("current", "Alias set on the new version (models:/NAME@ALIAS).", is_alias)
     register: bool = _f(True, "Register the encoder when training ends.")
 
 
@@ -237,47 +206,6 @@ def _fields(cfg: Config) -> Iterator[tuple[str, dataclasses.Field, Any]]:
         yield from ((f"{sec}.{f.name}", f, getattr(body, f.name)) for f in dataclasses.fields(body))
 
 
-# ---- parsing -------------------------------------------------------------------------------------------------
-_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _scalar(v: Any, tp: type) -> Any:
-    """``v`` as ``tp`` (bool, int, float or str); ValueError when it is not one."""
-    if tp is bool and isinstance(v, str) and v.lower() in _BOOLS:
-        return _BOOLS[v.lower()]
-    if tp is str and v is not None and not isinstance(v, dict | list):
-        return str(v)
-    if isinstance(v, bool) != (tp is bool) or not isinstance(v, int | float | str) or tp is str:
-        raise ValueError(v)
-    if tp is int and not isinstance(v, int):
-        if not float(v).is_integer():
-            raise ValueError(v)
-        return int(float(v))
-    return tp(v)
-
-
-def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
-    """Convert a YAML/CLI value to the field's type, or record a problem (and return the value unchanged)."""
-    if type(None) in get_args(tp):  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        tp = next(a for a in get_args(tp) if a is not type(None))
-    origin, args = get_origin(tp), get_args(tp)
-    if origin not in (list, tuple):
-        try:
-            return _scalar(value, tp)
-        except (ValueError, OverflowError):
-            problems.append(f"{where}={value!r}: expected {_EXPECTED[tp]}")
-            return value
-    n = len(args) if origin is tuple else 0
-    if not isinstance(value, list | tuple) or (n and len(value) != n):
-        problems.append(f"{where}={value!r}: expected {f'{n} values' if n else 'a list'}")
-        return value
-    items = [_coerce(v, args[i] if n else args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    return tuple(items) if n else items
-
-
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError([f"override {text!r}: expected KEY=VALUE, e.g. model.mask_ratio=0.6"])
@@ -329,7 +257,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
             if key not in hints:
                 problems.append(f"unknown key {sec}.{key}; allowed: {', '.join(sorted(hints))}")
             else:
-                kwargs[key] = _coerce(value, hints[key], f"{sec}.{key}", problems)
+                kwargs[key] = coerce(value, hints[key], f"{sec}.{key}", problems)
         sections[sec] = cls(**kwargs)
     cfg = Config(**sections)
     problems = problems or validate(cfg)  # type problems make the value checks meaningless

@@ -1,0 +1,87 @@
+"""Preflight of a run: everything checkable before any cluster resource is used, all problems raised at once.
+
+Opens the training and held-out data (listing them), checks the tracking store answers and the checkpoint
+bucket exists, and computes the step plan (too little data for one step is a problem too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mae_service.config import Config, ConfigError
+from mae_service.tracking.runs import resolve_tracking_uri, tracking_problem
+from mae_service.train.step import StepPlan
+
+
+@dataclass
+class Inputs:
+    """What preflight opened: the training and (optional) held-out data sources and the step plan."""
+
+    train: Any
+    val: Any
+    plan: StepPlan
+
+
+def _open(cfg: Config, key: str, uri: str, problems: list[str]) -> Any:
+    from mae_service.data import open_source
+
+    try:
+        return open_source(uri, cfg.data.format, shard_size=cfg.data.shard_size, s3_endpoint=cfg.data.s3_endpoint)
+    except ValueError as e:
+        problems.append(f"{key}: {e}")
+        return None
+
+
+def _storage_problem(cfg: Config) -> str | None:
+    if not cfg.train.storage_path.startswith("s3://"):
+        return None
+    import pyarrow.fs as pafs
+
+    from mae_service.data.storage import filesystem_for
+
+    try:
+        fs, path = filesystem_for(cfg.train.storage_path, s3_endpoint=cfg.data.s3_endpoint)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"train.storage_path={cfg.train.storage_path!r}: bucket {bucket!r} does not exist"
+    except (OSError, ValueError) as e:
+        return f"train.storage_path={cfg.train.storage_path!r}: {e}"
+    return None
+
+
+def plan_steps(cfg: Config, src: Any) -> StepPlan:
+    """How ``cfg``'s run over ``src`` maps onto optimiser steps (ValueError when the data cannot be split)."""
+    from mae_service.data import samples_per_rank
+
+    return StepPlan.for_config(cfg, samples_per_rank(src, cfg.train.num_workers, cfg.micro_batch))
+
+
+def preflight(cfg: Config) -> Inputs:
+    """Check data, held-out data, tracking store and storage before any cluster work; raise all problems at once."""
+    problems: list[str] = []
+    src = _open(cfg, "data.train_uri", cfg.data.train_uri, problems)
+    val = _open(cfg, "data.val_uri", cfg.data.val_uri, problems) if cfg.data.val_uri else None
+    for problem in (
+        tracking_problem(resolve_tracking_uri(cfg.mlflow.tracking_uri), must_exist=False),
+        _storage_problem(cfg),
+    ):
+        if problem:
+            problems.append(problem)
+    plan = None
+    if src is not None:
+        try:
+            plan = plan_steps(cfg, src)
+        except ValueError as e:
+            problems.append(
+                f"data.train_uri: {e} (train.num_workers={cfg.train.num_workers}, micro-batch {cfg.micro_batch})"
+            )
+        if plan is not None and plan.steps_per_epoch < 1:
+            problems.append(
+                f"data.train_uri={cfg.data.train_uri!r} has {src.num_images} images: too few for one "
+                f"step of train.batch_size={cfg.train.batch_size} on {cfg.train.num_workers} workers"
+            )
+    if problems:
+        raise ConfigError(problems)
+    assert plan is not None
+    return Inputs(src, val, plan)
