@@ -75,7 +75,9 @@ def ray_local(s3_server):
         object_store_memory=1 << 30,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV}},
+        # System metrics sampled every second (MLflow's default is 10 s, and it logs nothing before the first
+        # interval ends): the short training runs here then always record some.
+        runtime_env={"env_vars": {**s3_server.env, **QUIET_ENV, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}},
         log_to_driver=True,
     )
     yield ray
