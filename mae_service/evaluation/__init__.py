@@ -10,7 +10,7 @@ May import: :mod:`mae_service.model`, :mod:`mae_service.data`, :mod:`mae_service
 
 Public interface::
 
-    embed(model, uint8 [N, 3, H, W]) -> float32 [N, D]
+    embed(model, uint8 [N, 3, H, W], dtype=None) -> float32 [N, D]            # dtype: autocast (None: fp32)
     extract_features(model, batches) / extract_labelled_features(model, batches) -> features (, labels)
     splits_features([ds, …], [encoder, …]) -> [([features per encoder], labels), …]   # one Ray Data pass
     knn_top1(train_feats, train_labels, val_feats, val_labels, k=20, temperature=0.07) -> float

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mae_service.model import normalize
 from mae_service.model.export import is_mae, unwrap
+from mae_service.model.precision import autocast, resolve_amp
 
 
 # ---- one model, in memory ------------------------------------------------------------------------------------
@@ -73,13 +74,14 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
-def embed(model: nn.Module, imgs: Any) -> Tensor:
+def embed(model: nn.Module, imgs: Any, *, dtype: torch.dtype | None = None) -> Tensor:
     """uint8 ``[N, 3, H, W]`` (tensor or array) → float32 embeddings ``[N, D]`` on the CPU.
 
     ``model`` is a :class:`~mae_service.model.MaskedAutoencoder` (possibly DDP-wrapped; the encoder runs on
     all patches, no masking) or a timm ViT with ``num_classes=0``. Images of another size than the model's
     are resized (bilinear, antialiased). Runs on the model's device without gradients, in eval mode
-    (the model's train/eval mode is restored afterwards).
+    (the model's train/eval mode is restored afterwards), the encoder under autocast ``dtype``
+    (:func:`mae_service.model.precision.resolve_amp`; None: fp32).
     """
     model = unwrap(model)
     x = _as_uint8_images(imgs)
@@ -93,15 +95,19 @@ def embed(model: nn.Module, imgs: Any) -> Tensor:
             size = _image_size(model)
             if size is not None and tuple(x.shape[-2:]) != size:
                 x = nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            return _forward(model, x).float().cpu()
+            with autocast(dtype, device):
+                feats = _forward(model, x)
+            return feats.float().cpu()
     finally:
         model.train(was_training)
 
 
-def extract_features(model: nn.Module, batches: Iterable[Any], *, batch_size: int = 256) -> Tensor:
+def extract_features(
+    model: nn.Module, batches: Iterable[Any], *, batch_size: int = 256, dtype: torch.dtype | None = None
+) -> Tensor:
     """Embeddings ``[N, D]`` of every image in ``batches`` (uint8 ``[B, 3, H, W]`` tensors or arrays), in order.
 
-    Batches larger than ``batch_size`` are split, so memory stays bounded.
+    Batches larger than ``batch_size`` are split, so memory stays bounded. ``dtype``: autocast, as in :func:`embed`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be ≥ 1")
@@ -109,14 +115,14 @@ def extract_features(model: nn.Module, batches: Iterable[Any], *, batch_size: in
     for batch in batches:
         x = _as_uint8_images(batch)
         for start in range(0, x.shape[0], batch_size):
-            out.append(embed(model, x[start : start + batch_size]))
+            out.append(embed(model, x[start : start + batch_size], dtype=dtype))
     if not out:
         raise ValueError("extract_features got no images")
     return torch.cat(out)
 
 
 def extract_labelled_features(
-    model: nn.Module, batches: Iterable[Mapping[str, Any]], *, batch_size: int = 256
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], *, batch_size: int = 256, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(features [N, D], labels [N])`` from batches of ``{"image": uint8 [B, 3, H, W], "label": int [B]}``
 
@@ -127,7 +133,7 @@ def extract_labelled_features(
     for batch in batches:
         if "image" not in batch or "label" not in batch:
             raise ValueError(f"batches must have columns image and label, got {sorted(batch)}")
-        feats.append(extract_features(model, [batch["image"]], batch_size=batch_size))
+        feats.append(extract_features(model, [batch["image"]], batch_size=batch_size, dtype=dtype))
         y = batch["label"]  # np.array copies: Ray hands out read-only arrays
         y = y.to(torch.int64) if isinstance(y, Tensor) else torch.from_numpy(np.array(y, dtype=np.int64))
         labels.append(y.reshape(-1).cpu())
@@ -139,13 +145,14 @@ def extract_labelled_features(
 # ---- datasets, on Ray Data -----------------------------------------------------------------------------------
 class _Embedder:
     """Ray Data actor: builds the encoders once, then embeds ``image`` batches with each (``feature_<i>``),
-    passing the other columns (``label``, ``split``) through."""
+    passing the other columns (``label``, ``split``) through. ``amp`` is resolved here, on the actor's CPU."""
 
-    def __init__(self, archs: list[tuple[str, dict[str, Any]]], states: list[Any]):
+    def __init__(self, archs: list[tuple[str, dict[str, Any]]], states: list[Any], amp: str = "none"):
         import ray
         import timm
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.dtype = resolve_amp(amp, "cpu")
         self.encoders = []
         for (timm_name, timm_kwargs), state in zip(archs, states, strict=True):
             if isinstance(state, ray.ObjectRef):
@@ -157,7 +164,7 @@ class _Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != "image"}
         for i, encoder in enumerate(self.encoders):
-            out[f"feature_{i}"] = embed(encoder, batch["image"]).numpy()
+            out[f"feature_{i}"] = embed(encoder, batch["image"], dtype=self.dtype).numpy()
         return out
 
 
@@ -214,13 +221,15 @@ def splits_features(
     batch_size: int = 64,
     concurrency: int = 1,
     num_cpus: float = 1.0,
+    amp: str = "none",
 ) -> list[tuple[list[np.ndarray], np.ndarray]]:
     """Embed several Ray Datasets (e.g. train and held-out; columns ``image`` uint8 ``[3, H, W]`` and ``label``)
     with several encoders in ONE Ray Data pass: every image is read and decoded once. Returns, per dataset,
     ``([features [N, D] float32 of encoder 0, encoder 1, …], labels [N] int64)``.
 
     Encoders: MaskedAutoencoders or timm ViTs from :func:`~mae_service.tracking.load_encoder`. Their weights go to
-    the object store once; ``concurrency`` actors (``num_cpus`` each) embed in parallel.
+    the object store once; ``concurrency`` actors (``num_cpus`` each) embed in parallel, under the autocast that
+    ``amp`` (a ``train.amp`` mode) resolves to on each actor's CPU.
     """
     import ray
     import ray.data
@@ -234,7 +243,7 @@ def splits_features(
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     out = ds.map_batches(
         _Embedder,
-        fn_constructor_kwargs={"archs": archs, "states": states},
+        fn_constructor_kwargs={"archs": archs, "states": states, "amp": amp},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,

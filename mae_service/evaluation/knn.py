@@ -57,27 +57,30 @@ def knn_top1(
 
 
 def _encode(
-    model: nn.Module, dataset: Any, *, batch_size: int = 128, limit: int | None = None
+    model: nn.Module, dataset: Any, *, batch_size: int = 128, limit: int | None = None, dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor]:
     """``(features [N, D], labels [N])`` of a Ray Dataset with columns ``image`` (uint8) and ``label``; the model
-    runs on its own device, in eval mode without gradients."""
+    runs on its own device, in eval mode without gradients, under autocast ``dtype``."""
     if limit is not None:
         dataset = dataset.limit(limit)
-    return extract_labelled_features(model, dataset.iter_torch_batches(batch_size=batch_size), batch_size=batch_size)
+    batches = dataset.iter_torch_batches(batch_size=batch_size)
+    return extract_labelled_features(model, batches, batch_size=batch_size, dtype=dtype)
 
 
-def knn_metrics(model: nn.Module, spec: dict[str, Any]) -> dict[str, float]:
+def knn_metrics(model: nn.Module, spec: dict[str, Any], *, dtype: torch.dtype | None = None) -> dict[str, float]:
     """``{"knn_top1": …}`` of ``model`` (an MAE, possibly wrapped) on ``spec``'s sources, or ``{}`` when either
     side has no labelled images.
 
     ``spec``: ``train_source`` and ``val_source`` (:class:`mae_service.data.Source`), ``image_size``, ``k`` and
-    ``max_train`` (training images used, None for all).
+    ``max_train`` (training images used, None for all). ``dtype``: the run's autocast (None: fp32).
     """
     from mae_service.data import eval_dataset
 
     size = spec["image_size"]
-    tr_x, tr_y = _encode(model, eval_dataset(spec["train_source"], image_size=size), limit=spec["max_train"])
-    va_x, va_y = _encode(model, eval_dataset(spec["val_source"], image_size=size))
+    tr_x, tr_y = _encode(
+        model, eval_dataset(spec["train_source"], image_size=size), limit=spec["max_train"], dtype=dtype
+    )
+    va_x, va_y = _encode(model, eval_dataset(spec["val_source"], image_size=size), dtype=dtype)
     keep_t, keep_v = tr_y >= 0, va_y >= 0
     if keep_t.sum() == 0 or keep_v.sum() == 0:
         return {}

@@ -1,4 +1,5 @@
-"""The MAE model: factory, presets, input normalisation, and checkpoint interoperability (see ``export``).
+"""The MAE model: factory, presets, input normalisation, checkpoint interoperability (see ``export``), and the
+autocast dtype ``train.amp`` resolves to on a device (``precision``: the training step, embeddings and pictures).
 
 Pure package: imports torch and timm, never Ray or MLflow. Names load lazily, so ``import mae_service.model`` and
 :mod:`mae_service.model.presets` (names, shapes, override keys) do not import torch.
@@ -20,6 +21,8 @@ _EXPORTS = {
     "OVERRIDE_KEYS": "mae_service.model.presets",
     "preset": "mae_service.model.presets",
     "sincos_2d": "mae_service.model.pos_embed",
+    "autocast": "mae_service.model.precision",
+    "resolve_amp": "mae_service.model.precision",
 }
 
 __all__ = [
@@ -28,15 +31,18 @@ __all__ = [
     "MODEL_NAMES",
     "OVERRIDE_KEYS",
     "MaskedAutoencoder",
+    "autocast",
     "create_model",
     "normalize",
     "preset",
+    "resolve_amp",
     "sincos_2d",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from mae_service.model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoder, create_model, normalize
     from mae_service.model.pos_embed import sincos_2d
+    from mae_service.model.precision import autocast, resolve_amp
     from mae_service.model.presets import MODEL_NAMES, OVERRIDE_KEYS, preset
 
 

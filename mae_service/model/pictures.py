@@ -1,6 +1,6 @@
 """Reconstruction pictures like the paper's Figure 2: original | masked | reconstruction | reconstruction + visible.
 
-Owns the picture of one batch; pure torch + PIL (imports only :mod:`mae_service.model.mae`). Used by the trainer
+Owns the picture of one batch; pure torch + PIL (imports only :mod:`mae_service.model.mae` and ``.precision``). Used by the trainer
 (logged to MLflow every N steps) and by ``mae-service reconstruct`` (:mod:`mae_service.tracking.pictures`).
 """
 
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from mae_service.model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoder, normalize
+from mae_service.model.precision import autocast
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -29,8 +30,10 @@ def reconstruction_grid(
     mask_ratio: float | None = None,
     seed: int = 0,
     max_images: int = 4,
+    dtype: torch.dtype | None = None,
 ) -> Image.Image:
-    """Run ``model`` (a MaskedAutoencoder, not DDP-wrapped) on up to ``max_images`` uint8 images [N,3,H,W].
+    """Run ``model`` (a MaskedAutoencoder, not DDP-wrapped) on up to ``max_images`` uint8 images [N,3,H,W], under
+    autocast ``dtype`` (the run's resolved ``train.amp``; None: fp32).
 
     The mask comes from ``seed``, so pictures at different steps show the same masks. With norm-pix loss the
     prediction is per-patch normalised; it is mapped back with the target patches' own mean and variance.
@@ -43,7 +46,8 @@ def reconstruction_grid(
         imgs = normalize(images.to(device))
         n, num_patches = imgs.shape[0], model.num_patches
         noise = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(seed)).to(device)
-        _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+        with autocast(dtype, device):
+            _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
         pred = pred.float()
         if getattr(model, "norm_pix_loss", False):
             target = model.patchify(imgs)

@@ -212,6 +212,7 @@ def _eval_knn(args: argparse.Namespace) -> int:
         tracking_uri=_tracking_uri(args),
         experiment=args.experiment,
         record=not args.no_record,
+        amp=args.amp,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -319,6 +320,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per embedding batch")
     p.add_argument("--concurrency", type=_positive_int, default=1, help="Ray Data embedding actors")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"), help="embeddings' autocast (train.amp)")
     p.add_argument("--no-linear-probe", action="store_true", help="skip the linear probe")
     p.add_argument(
         "--random-baseline", action="store_true", help="also score the same architecture with random weights"

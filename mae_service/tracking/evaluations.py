@@ -50,6 +50,7 @@ def _features(
     s3_endpoint: str | None,
     batch_size: int,
     concurrency: int,
+    amp: str,
 ) -> list[tuple[list[np.ndarray], np.ndarray]]:
     """Per data URI, ``([features of each encoder], labels)``: one Ray Data pass (Ray started or joined here)."""
     from mae_service.data import eval_dataset, open_source
@@ -64,7 +65,15 @@ def _features(
         encoders,
         batch_size=batch_size,
         concurrency=concurrency,
+        amp=amp,
     )
+
+
+def _amp(amp: str) -> str:
+    """``amp`` resolved on this CPU (what the embedding actors resolve on theirs), checked before any Ray work."""
+    from mae_service.model.precision import amp_name, resolve_amp
+
+    return amp_name(resolve_amp(amp, "cpu"))
 
 
 def _score(
@@ -110,23 +119,26 @@ def evaluate_model(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     record: bool = True,
+    amp: str = "auto",
 ) -> dict[str, float]:
     """k-NN top-1 (and linear-probe top-1) of the registered encoder ``model_uri`` on labelled data.
 
     ``image_size`` defaults to the encoder's. With ``random_baseline`` the same architecture with random
     weights is scored too (``*_random_init`` metrics): pretraining should beat it. With ``record`` the metrics
     go to an MLflow run in ``experiment`` and onto the tags of the version that was scored (see
-    :func:`~mae_service.tracking.record_eval`), even when ``model_uri``'s alias has moved meanwhile.
+    :func:`~mae_service.tracking.record_eval`), even when ``model_uri``'s alias has moved meanwhile. ``amp``: the
+    embeddings' autocast, a ``train.amp`` mode (``auto``: bf16 on CPUs with native bf16), recorded as ``amp``.
     (Over 60 lines only by its keyword signature and the formatted call lists; the steps are five.)
     """
     t0 = time.monotonic()
+    amp_resolved = _amp(amp)  # a bad or unsupported mode fails here, before the registry or Ray
     client, uri, mv = resolve(model_uri, tracking_uri)  # the one alias lookup: load and record this version
     check_encoder(client, mv, model_uri)
     pinned = pinned_uri(mv)
     encoder: Any = load_encoder(pinned, tracking_uri=uri)
     size = image_size or int(encoder.mae_architecture["image_size"])
     encoders = [encoder, _random_twin(encoder)] if random_baseline else [encoder]
-    logger.info("evaluating %s (%s) at %dpx", model_uri, pinned, size)
+    logger.info("evaluating %s (%s) at %dpx, embeddings in %s", model_uri, pinned, size, amp_resolved)
     splits = _features(
         encoders,
         [train_uri, val_uri],
@@ -135,6 +147,7 @@ def evaluate_model(
         s3_endpoint=s3_endpoint,
         batch_size=batch_size,
         concurrency=concurrency,
+        amp=amp,
     )
     metrics = _score(splits, train_uri, val_uri, k=k, temperature=temperature, linear_probe=linear_probe)
     metrics["eval_seconds"] = round(time.monotonic() - t0, 3)
@@ -146,6 +159,7 @@ def evaluate_model(
             "image_size": size,
             "k": k,
             "temperature": temperature,
+            "amp": amp_resolved,
         }
         run_id = record_eval(
             pinned,

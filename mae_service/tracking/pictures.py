@@ -23,16 +23,19 @@ def reconstruct_to_file(
     seed: int = 0,
     s3_endpoint: str | None = None,
     tracking_uri: str | None = None,
+    amp: str = "auto",
 ) -> Path:
     """Write ``out`` (PNG): per image, original | masked | reconstruction | reconstruction + visible patches.
 
-    Images: the first ``num_images`` of ``data_uri`` in listing order, centre-cropped to the model's size.
+    Images: the first ``num_images`` of ``data_uri`` in listing order, centre-cropped to the model's size. The
+    model runs on the CPU under the autocast ``amp`` (a ``train.amp`` mode) resolves to there.
     """
     import numpy as np
     import torch
 
     from mae_service.data import eval_dataset, open_source
     from mae_service.model.pictures import reconstruction_grid
+    from mae_service.model.precision import resolve_amp
     from mae_service.runtime import init_ray
     from mae_service.tracking.registry import load_mae
 
@@ -43,6 +46,7 @@ def reconstruct_to_file(
         raise ValueError(f"--out {out!r}: folder {str(path.parent)!r} does not exist")
     if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask ratio {mask_ratio}: must be in (0, 1)")
+    dtype = resolve_amp(amp, "cpu")
     model = load_mae(model_uri, tracking_uri=tracking_uri)
     src = open_source(data_uri, fmt, s3_endpoint=s3_endpoint)
     if src.num_images == 0:
@@ -50,7 +54,7 @@ def reconstruct_to_file(
     init_ray()
     batch = eval_dataset(src, image_size=model.img_size).limit(num_images).take_batch(num_images, batch_format="numpy")
     images = torch.from_numpy(np.array(batch["image"]))  # a writable copy of the read-only Ray array
-    grid = reconstruction_grid(model, images, mask_ratio=mask_ratio, seed=seed, max_images=num_images)
+    grid = reconstruction_grid(model, images, mask_ratio=mask_ratio, seed=seed, max_images=num_images, dtype=dtype)
     grid.save(path, format="PNG")
     logger.info("wrote %s (%d images from %s)", path, images.shape[0], data_uri)
     return path

@@ -46,14 +46,17 @@ class PretrainResult:
     metrics: dict[str, Any] | None = None
 
 
-def open_mlflow_run(cfg: Config, run_name: str, run_id: str | None, tags: dict[str, str] | None = None) -> str:
+def open_mlflow_run(
+    cfg: Config, run_name: str, run_id: str | None, tags: dict[str, str] | None = None, *, amp: str | None = None
+) -> str:
     """Continue (``run_id``, or the run tagged with ``run_name``) or create the run's MLflow run. A new run gets the
-    resolved config as params and as the artifact ``config.yaml``."""
+    resolved config as params (with ``train.amp_resolved``: ``amp``, the driver's resolution of ``train.amp``,
+    when it made one) and as the artifact ``config.yaml``."""
     from mae_service.tracking.runs import open_run
 
     client, uri = connect(cfg.mlflow.tracking_uri, must_exist=False)
     exp_id = ensure_experiment(client, cfg.mlflow.experiment, uri)
-    params = cfg.flat()
+    params = {**cfg.flat(), **({"train.amp_resolved": amp} if amp else {})}
     run_id = open_run(
         client,
         exp_id,
@@ -178,7 +181,7 @@ def pretrain(
     resume_from, resume_fs, meta = _resume_point(cfg, run_name)
     start_step = meta.step if meta else 0
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags)
+    run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
     if meta is not None and start_step >= plan.total_steps:
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
         connect(tracking_uri, must_exist=False)[0].set_terminated(run_id, status="FINISHED")
@@ -204,7 +207,7 @@ def pretrain(
         callbacks,
     )
     logger.info(
-        "run %s: %d steps (%d per epoch), %d workers, global batch %d (%d × %d accumulation), lr %.3g",
+        "run %s: %d steps (%d per epoch), %d workers, global batch %d (%d × %d accumulation), lr %.3g, %s%s",
         run_name,
         plan.total_steps,
         plan.steps_per_epoch,
@@ -213,6 +216,8 @@ def pretrain(
         cfg.micro_batch,
         cfg.accum_steps,
         cfg.lr,
+        inputs.amp or f"train.amp={t.amp} (resolved on the workers)",
+        ", torch.compile" if t.compile else "",
     )
     return _fit(cfg, trainer, PretrainResult(run_name, run_id, tracking_uri, None, start_step, None), register)
 

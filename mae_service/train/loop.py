@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mae_service.config import Config, config_from_dict
+from mae_service.model.precision import amp_name, describe_device, resolve_amp
 from mae_service.train.checkpoint import (
     CheckpointMeta,
     load_model_weights,
@@ -27,7 +28,7 @@ from mae_service.train.checkpoint import (
 )
 from mae_service.train.run_logger import RunLogger
 from mae_service.train.schedule import lr_at, make_optimizer, set_lr
-from mae_service.train.step import NonFiniteLossError, StepPlan, build_model, optimizer_step
+from mae_service.train.step import NonFiniteLossError, StepPlan, build_model, compile_model, optimizer_step
 
 if TYPE_CHECKING:
     from mae_service.model.mae import MaskedAutoencoder
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Worker:
-    """What one rank trains: the bare model, its DDP wrapper, the optimiser and AMP scaler."""
+    """What one rank trains: the bare model, its DDP (and ``torch.compile``) wrapper, the optimiser, the AMP
+    scaler and the autocast dtype (None: fp32) ``train.amp`` resolved to on this rank's device."""
 
     cfg: Config
     plan: StepPlan
@@ -47,6 +49,7 @@ class Worker:
     model: MaskedAutoencoder
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    amp: torch.dtype | None = None
     ddp_model: torch.nn.Module | None = None
     step: int = 0
 
@@ -68,12 +71,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     w = _build(config)
     _restore(w, config)
     w.ddp_model = ray.train.torch.prepare_model(w.model, move_to_device=False)
+    if w.cfg.train.compile:
+        w.ddp_model = compile_model(w.ddp_model)  # checkpoints keep saving w.model: the same key names
     batches = _batches(w, config["start_rows"])
     run = (
         RunLogger(config["tracking_uri"], config["mlflow_run_id"], system_metrics=w.cfg.mlflow.log_system_metrics)
         if w.rank == 0 and config.get("mlflow_run_id")
         else None
     )
+    if run is not None:
+        run.tag("mae.amp_worker", f"{amp_name(w.amp)} on {describe_device(w.device)}")
     progress = Progress()
     while w.step < w.plan.total_steps:
         metrics = _train_step(w, batches, progress)
@@ -95,10 +102,18 @@ def _build(config: dict[str, Any]) -> Worker:
     optimizer = make_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.train.weight_decay, betas=(cfg.train.betas[0], cfg.train.betas[1])
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.amp == "fp16")
-    return Worker(
-        cfg, StepPlan(**config["plan"]), ctx.get_world_rank(), ctx.get_world_size(), device, model, optimizer, scaler
+    amp = resolve_amp(cfg.train.amp, device)  # this rank's device decides (the driver checked its own CPU)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    rank = ctx.get_world_rank()
+    logger.info(
+        "rank %d: autocast %s on %s (train.amp=%s)%s",
+        rank,
+        amp_name(amp),
+        describe_device(device),
+        cfg.train.amp,
+        ", torch.compile" if cfg.train.compile else "",
     )
+    return Worker(cfg, StepPlan(**config["plan"]), rank, ctx.get_world_size(), device, model, optimizer, scaler, amp)
 
 
 def _restore(w: Worker, config: dict[str, Any]) -> None:
@@ -209,7 +224,7 @@ def _log(w: Worker, run: RunLogger | None, metrics: dict[str, float], progress: 
     if run is not None and _due(w.step, t.log_every_steps, last):
         run.metrics(metrics, w.step)
     if run is not None and progress.picture_batch is not None and _due(w.step, t.picture_every_steps, last):
-        run.picture(w.model, progress.picture_batch, w.step, seed=t.seed)
+        run.picture(w.model, progress.picture_batch, w.step, seed=t.seed, dtype=w.amp)
     if w.rank == 0 and _due(w.step, max(1, t.log_every_steps * 10), last):
         logger.info(
             "step %d/%d loss %.4f lr %.3g %.1f img/s data-wait %.0f%%",
@@ -238,7 +253,7 @@ def _checkpoint_and_report(w: Worker, run: RunLogger | None, config: dict[str, A
     if evaluate and w.rank == 0:
         from mae_service.evaluation.knn import knn_metrics
 
-        knn = knn_metrics(w.model, config["knn"])
+        knn = knn_metrics(w.model, config["knn"], dtype=w.amp)
         report.update(knn)
         if run is not None and knn:
             run.metrics(knn, w.step)

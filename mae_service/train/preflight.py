@@ -1,7 +1,9 @@
 """Preflight of a run: everything checkable before any cluster resource is used, all problems raised at once.
 
 Opens the training and held-out data (listing them), checks the tracking store answers and the checkpoint
-bucket exists, and computes the step plan (too little data for one step is a problem too).
+bucket exists, computes the step plan (too little data for one step is a problem too) and resolves ``train.amp``
+where the driver can: on this machine's CPU for CPU runs (a local run's workers share it), on this machine's GPU
+for GPU runs where the driver has one; otherwise the workers' devices decide (each worker resolves and logs too).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class Inputs:
     train: Any
     val: Any
     plan: StepPlan
+    amp: str | None = None
+    """``train.amp`` resolved by the driver (``bf16``, ``fp16``, ``fp32``), None when the workers decide."""
 
 
 def _open(cfg: Config, key: str, uri: str, problems: list[str]) -> Any:
@@ -50,6 +54,20 @@ def _storage_problem(cfg: Config) -> str | None:
     return None
 
 
+def _amp(cfg: Config, problems: list[str]) -> str | None:
+    import torch
+
+    from mae_service.model.precision import amp_name, resolve_amp
+
+    if cfg.train.use_gpu and not torch.cuda.is_available():
+        return None  # a driver without a GPU (e.g. a cluster's head): the GPU workers decide
+    try:
+        return amp_name(resolve_amp(cfg.train.amp, "cuda" if cfg.train.use_gpu else "cpu"))
+    except ValueError as e:
+        problems.append(str(e))
+        return None
+
+
 def plan_steps(cfg: Config, src: Any) -> StepPlan:
     """How ``cfg``'s run over ``src`` maps onto optimiser steps (ValueError when the data cannot be split)."""
     from mae_service.data import samples_per_rank
@@ -60,6 +78,7 @@ def plan_steps(cfg: Config, src: Any) -> StepPlan:
 def preflight(cfg: Config) -> Inputs:
     """Check data, held-out data, tracking store and storage before any cluster work; raise all problems at once."""
     problems: list[str] = []
+    amp = _amp(cfg, problems)
     src = _open(cfg, "data.train_uri", cfg.data.train_uri, problems)
     val = _open(cfg, "data.val_uri", cfg.data.val_uri, problems) if cfg.data.val_uri else None
     for problem in (
@@ -84,4 +103,4 @@ def preflight(cfg: Config) -> Inputs:
     if problems:
         raise ConfigError(problems)
     assert plan is not None
-    return Inputs(src, val, plan)
+    return Inputs(src, val, plan, amp)

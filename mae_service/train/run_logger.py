@@ -51,12 +51,22 @@ class RunLogger:
         if op is not None and not wait:
             self._pending.append(op)
 
-    def picture(self, model: MaskedAutoencoder, images: torch.Tensor, step: int, *, seed: int) -> None:
-        """Log the reconstruction grid of ``images`` (uint8) as ``reconstructions/step_XXXXXXXX.png``."""
+    def tag(self, key: str, value: str) -> None:
+        """Set tag ``key`` on the run (a warning when it fails)."""
+        try:
+            self.client.set_tag(self.run_id, key, value)
+        except Exception as e:  # noqa: BLE001 - a lost tag must not kill training
+            logger.warning("tag %s not set on the MLflow run: %s", key, e)
+
+    def picture(
+        self, model: MaskedAutoencoder, images: torch.Tensor, step: int, *, seed: int, dtype: torch.dtype | None = None
+    ) -> None:
+        """Log the reconstruction grid of ``images`` (uint8), computed under autocast ``dtype`` (None: fp32), as
+        ``reconstructions/step_XXXXXXXX.png``."""
         from mae_service.model.pictures import reconstruction_grid
 
         try:
-            grid = reconstruction_grid(model, images, seed=seed)
+            grid = reconstruction_grid(model, images, seed=seed, dtype=dtype)
             self.client.log_image(self.run_id, grid, artifact_file=f"reconstructions/step_{step:08d}.png")
         except Exception as e:  # noqa: BLE001 - a failed picture upload must not kill training
             logger.warning("reconstruction picture at step %d not logged: %s", step, e)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from mae_service.config import Config
 from mae_service.model import create_model, normalize
+from mae_service.model.precision import autocast, resolve_amp
 
 if TYPE_CHECKING:
     from mae_service.model.mae import MaskedAutoencoder
@@ -48,18 +49,19 @@ def build_model(cfg: Config) -> MaskedAutoencoder:
     return create_model(cfg.model.name, **model_kwargs(cfg))
 
 
+def compile_model(model: torch.nn.Module, *, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` of the model as prepared for DDP: DDP first, then compile, as torch's DDP notes advise
+    (dynamo's DDPOptimizer splits the graph at the gradient buckets, so their all-reduce still overlaps the
+    backward). The compiled wrapper forwards attributes (``no_sync``); the bare module is what checkpoints save."""
+    out = torch.compile(model, backend=backend)
+    assert isinstance(out, torch.nn.Module)
+    return out
+
+
 def mask_noise(n: int, num_patches: int, *, seed: int, rank: int, step: int, micro: int) -> torch.Tensor:
     """Masking noise as a pure function of (seed, rank, step, micro-batch): a resumed run draws the same masks."""
     g = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_009 + micro)
     return torch.rand(n, num_patches, generator=g)
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    amp = cfg.train.amp
-    if device.type != "cuda" or amp == "none":
-        return nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -137,7 +139,8 @@ def optimizer_step(
     step: int,
     sums: Sequence[float] = (),
 ) -> StepResult:
-    """One optimiser step over ``micro_batches`` (uint8 images) with gradient accumulation.
+    """One optimiser step over ``micro_batches`` (uint8 images) with gradient accumulation, the forward passes
+    under the autocast ``train.amp`` resolves to on ``device`` (:func:`mae_service.model.precision.resolve_amp`).
 
     One collective and one host synchronisation per step, whatever the accumulation: the losses stay on the
     device until the step's single all-reduce, which carries the loss, a non-finite flag and the caller's
@@ -146,7 +149,8 @@ def optimizer_step(
     decision is taken on the all-reduced flag, which is the same number on every rank.
     """
     accum = len(micro_batches)
-    ddp = ddp_model is not core
+    ddp = hasattr(ddp_model, "no_sync")  # DDP, possibly under torch.compile (which forwards attributes)
+    amp = resolve_amp(cfg.train.amp, device)  # pure and cached: the worker resolved (and logged) the same
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for micro, images in enumerate(micro_batches):
         imgs = normalize(images.to(device, non_blocking=True))
@@ -155,7 +159,7 @@ def optimizer_step(
         )
         sync = (not ddp) or micro == accum - 1
         with nullcontext() if sync else ddp_model.no_sync():  # type: ignore[operator]
-            with autocast_context(cfg, device):
+            with autocast(amp, device):
                 loss, _, _ = ddp_model(imgs, noise=noise)
             scaler.scale(loss / accum).backward()
         loss_sum += loss.detach().float() / accum

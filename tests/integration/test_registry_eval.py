@@ -17,6 +17,7 @@ from mae_service.cli import main
 from mae_service.data import eval_dataset, open_source, synthesize
 from mae_service.evaluation import extract_labelled_features, knn_top1
 from mae_service.model import create_model
+from mae_service.model.precision import amp_name, resolve_amp
 from mae_service.tracking import describe, evaluate_model, promote, register_encoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,13 +86,14 @@ def test_eval_knn_cli_scores_records_and_matches_local_features(setup, capsys, q
     for key in ("knn_top1", "linear_probe_top1", "knn_top1_random_init", "linear_probe_top1_random_init"):
         assert 0.0 <= metrics[key] <= 1.0, key
 
-    # the Ray Data actors computed the same features as a local pass over the same dataset
+    # the Ray Data actors computed the same features as a local pass over the same dataset (both under --amp auto)
     src_t, src_v = open_source(f"{data}/train", "files"), open_source(f"{data}/val", "files")
+    amp = resolve_amp("auto", "cpu")
     xt, yt = extract_labelled_features(
-        setup["model"], eval_dataset(src_t, image_size=32).iter_batches(batch_format="numpy")
+        setup["model"], eval_dataset(src_t, image_size=32).iter_batches(batch_format="numpy"), dtype=amp
     )
     xv, yv = extract_labelled_features(
-        setup["model"], eval_dataset(src_v, image_size=32).iter_batches(batch_format="numpy")
+        setup["model"], eval_dataset(src_v, image_size=32).iter_batches(batch_format="numpy"), dtype=amp
     )
     assert sorted(set(yt.tolist())) == [0, 1, 2]
     assert metrics["knn_top1"] == pytest.approx(knn_top1(xt, yt, xv, yv, k=5))
@@ -103,6 +105,7 @@ def test_eval_knn_cli_scores_records_and_matches_local_features(setup, capsys, q
 
     run = mlflow.MlflowClient(uri).get_run(tags["eval.run_id"])
     assert run.data.params["train_data"] == f"{data}/train" and run.data.params["model_uri"] == "models:/eval-encoder/1"
+    assert run.data.params["amp"] == amp_name(amp)
     assert run.data.metrics["knn_top1_random_init"] == pytest.approx(metrics["knn_top1_random_init"])
 
 

@@ -1,5 +1,5 @@
-"""Pretraining on a local Ray with two CPU workers: loss falls, MLflow records, resume is exact, a SIGKILLed worker
-is recovered from its last checkpoint."""
+"""Pretraining on a local Ray with two CPU workers: loss falls, MLflow records, resume is exact (under the default
+``train.amp=auto``: bf16 on CPUs that have it), a SIGKILLed worker is recovered from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -119,6 +119,13 @@ def test_resumed_run_reproduces_the_uninterrupted_run(ray_local, local_data, tmp
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+    # train.amp=auto (the default): what it resolved to is recorded, by the driver and by rank 0
+    from mae_service.model.precision import amp_name, resolve_amp
+
+    run = mlflow.MlflowClient(uri).get_run(rest.mlflow_run_id)
+    expected = amp_name(resolve_amp("auto", "cpu"))
+    assert run.data.params["train.amp"] == "auto" and run.data.params["train.amp_resolved"] == expected
+    assert run.data.tags["mae.amp_worker"].startswith(f"{expected} on this CPU")
 
 
 def test_changed_settings_do_not_overwrite_a_run(ray_local, local_data, tmp_path):

@@ -273,6 +273,7 @@ def test_compile_is_a_boolean():
     assert build_config({}, ["train.compile=true"]).train.compile is True
     assert build_config({}).train.compile is False
     assert _problems("train.compile=fast") == ["train.compile='fast': expected true or false"]
+    assert _problems("train.compile=maybe") == ["train.compile='maybe': expected true or false"]
     with pytest.raises(ConfigError, match="train.compile=3: expected true or false"):
         build_config({"train": {"compile": 3}})
 
