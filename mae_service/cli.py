@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from mae_service.runtime import quiet_output
+
 COMMAND_MODULES = (
     "mae_service.train.commands",  # pretrain, demo
     "mae_service.tune.commands",  # sweep
@@ -31,7 +33,9 @@ _QUIET_ENV = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae-service", description="MAE pretraining on Ray, tracked in MLflow.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, with Ray's and MLflow's own output"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -45,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         datefmt="%H:%M:%S",
     )
+    quiet_output(not args.verbose)  # Ray's and MLflow's own lines only with -v
     try:
         rc = args.func(args)
     except ValueError as e:  # user mistakes: one clear line (ConfigError lists every problem)

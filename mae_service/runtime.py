@@ -6,9 +6,33 @@ Imports: Ray (lazily) and nothing from the rest of ``mae_service`` — every cal
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30
+_OUTPUT = {"quiet": False}
+# Libraries whose INFO lines (plans, progress, "View run at …") a user does not need unless they ask with -v.
+NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "torch")
+
+
+def quiet_output(quiet: bool = True) -> None:
+    """Readable output for a person at a terminal: Ray's and MLflow's own lines (worker logs with their
+    ``(RayTrainWorker pid=…)`` prefixes, Ray Data's plans and bars, MLflow's download bars) are hidden unless
+    ``quiet`` is False (``mae-service -v``); warnings and errors still show. Applies to Ray started afterwards."""
+    _OUTPUT["quiet"] = quiet
+    if not quiet:
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def output_is_quiet() -> bool:
+    return _OUTPUT["quiet"]
 
 
 def init_ray(cpus_needed: float = 0.0, *, dashboard: bool = False) -> None:
@@ -22,8 +46,10 @@ def init_ray(cpus_needed: float = 0.0, *, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    quiet: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING) if _OUTPUT["quiet"] else {}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**({"log_to_driver": True} | quiet))
+        _quiet_ray_data()
         return
     object_store = min(2 << 30, int(os.environ.get("MAE_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)))
     ray.init(
@@ -32,7 +58,24 @@ def init_ray(cpus_needed: float = 0.0, *, dashboard: bool = False) -> None:
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         object_store_memory=object_store,
+        **quiet,
     )
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """No Ray Data progress bars or execution plans on the driver when output is quiet."""
+    if not _OUTPUT["quiet"]:
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    for attr in ("print_on_execution_start", "enable_operator_progress_bars"):
+        if hasattr(ctx, attr):
+            setattr(ctx, attr, False)
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def cluster_cpus_gpus() -> tuple[float, float]:

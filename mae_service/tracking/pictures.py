@@ -58,3 +58,21 @@ def reconstruct_to_file(
     grid.save(path, format="PNG")
     logger.info("wrote %s (%d images from %s)", path, images.shape[0], data_uri)
     return path
+
+
+def latest_picture(tracking_uri: str, run_id: str) -> str | None:
+    """Where run ``run_id``'s latest reconstruction picture is stored (a local path for a local artifact store,
+    else its URI); None when it has none or the store cannot be asked."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        pictures = sorted(f.path for f in client.list_artifacts(run_id, "reconstructions") if f.path.endswith(".png"))
+        if not pictures:
+            return None
+        root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    except Exception as e:  # noqa: BLE001 - the summary line is a nicety
+        logger.debug("no reconstruction picture found: %s", e)
+        return None
+    uri = f"{root}/{pictures[-1]}"
+    return uri.removeprefix("file://") if uri.startswith("file://") else uri

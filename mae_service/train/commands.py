@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -31,16 +32,39 @@ def run_and_report(cfg) -> int:
     return 0
 
 
-def report(cfg, result) -> None:
-    print(f"run:          {result.run_name} (step {result.step}, loss {result.loss})")
+def report(cfg, result, evaluation: dict | None = None) -> None:
+    """The closing summary: what was trained, how long, how good (next to random weights), where to look."""
+    from mae_service.tracking.pictures import latest_picture
+
+    took = f" in {result.train_seconds:.0f} s" if result.train_seconds is not None else ""
+    loss = f", final loss {result.loss:.4f}" if isinstance(result.loss, int | float) else ""
+    print(f"\ntrained:      run {result.run_name} to step {result.step}{took}{loss}")
+    if evaluation:
+        print(
+            f"evaluation:   k-NN top-1 {evaluation['knn_top1']:.3f} (random weights {evaluation['knn_top1_random_init']:.3f})"
+            + (
+                f", linear probe {evaluation['linear_probe_top1']:.3f} "
+                f"(random weights {evaluation['linear_probe_top1_random_init']:.3f})"
+                if "linear_probe_top1" in evaluation
+                else ""
+            )
+            + " on the held-out split"
+        )
+    elif result.metrics and "knn_top1" in result.metrics:
+        print(f"evaluation:   k-NN top-1 {result.metrics['knn_top1']:.3f} on data.val_uri")
+    picture = latest_picture(result.tracking_uri, result.mlflow_run_id) if result.mlflow_run_id else None
+    if picture:
+        print(f"picture:      {picture}")
     print(f"mlflow run:   {result.mlflow_run_id} at {result.tracking_uri}")
     print(f"checkpoint:   {result.checkpoint_uri}")
     if result.model_version is not None:
         mv = result.model_version
+        alias_uri = f"models:/{mv.name}@{cfg.registry.alias}"
         print(f"registered:   models:/{mv.name}/{mv.version} (alias @{cfg.registry.alias})")
+        print(f"look it up:   MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/mae-service models show {alias_uri}")
         print(
             f'load it:      MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/python -c "from mae_service.tracking '
-            f"import load_encoder; print(load_encoder('models:/{mv.name}@{cfg.registry.alias}'))\""
+            f"import load_encoder; print(load_encoder('{alias_uri}'))\""
         )
 
 
@@ -72,12 +96,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(DEMO_CONFIG, overrides)
     from mae_service.train.driver import pretrain
 
+    t0 = time.monotonic()
     result = pretrain(cfg)
-    report(cfg, result)
+    evaluation = None
     if result.model_version is not None and cfg.data.val_uri:
         from mae_service.tracking import evaluate_model
 
-        m = evaluate_model(
+        print("evaluating the registered encoder against the same architecture with random weights …", file=sys.stderr)
+        evaluation = evaluate_model(
             result.model_version.alias_uri,
             cfg.data.train_uri,
             cfg.data.val_uri,
@@ -86,13 +112,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             linear_probe=True,
             experiment=cfg.mlflow.experiment,
         )
-        print(
-            f"k-NN top-1 on the held-out split: {m['knn_top1']:.3f} (same architecture, random weights: "
-            f"{m['knn_top1_random_init']:.3f}); linear probe {m['linear_probe_top1']:.3f} "
-            f"(random: {m['linear_probe_top1_random_init']:.3f})"
-        )
-        print(
-            f"look it up:   MLFLOW_TRACKING_URI={result.tracking_uri} .venv/bin/mae-service models show "
-            f"{result.model_version.alias_uri}"
-        )
+    report(cfg, result, evaluation)
+    print(f"demo:         {time.monotonic() - t0:.0f} s in all (training, evaluation, registration)")
     return 0

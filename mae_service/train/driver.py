@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from mae_service.config import Config, ConfigError
-from mae_service.runtime import init_ray, resource_problems
+from mae_service.runtime import init_ray, output_is_quiet, resource_problems
 from mae_service.tracking.runs import (
     RUN_NAME_TAG,
     clean_tags,
@@ -28,6 +29,7 @@ from mae_service.tracking.runs import (
 )
 from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint
 from mae_service.train.preflight import Inputs, plan_steps, preflight
+from mae_service.train.progress import ProgressBar
 
 __all__ = ["PretrainResult", "plan_steps", "preflight", "pretrain", "register_from_checkpoint", "register_latest"]
 
@@ -44,6 +46,7 @@ class PretrainResult:
     loss: float | None
     model_version: Any = None
     metrics: dict[str, Any] | None = None
+    train_seconds: float | None = None  # wall time of trainer.fit() in this command
 
 
 def open_mlflow_run(
@@ -169,14 +172,17 @@ def pretrain(
     callbacks: list | None = None,
     mlflow_tags: dict[str, str] | None = None,
     register: bool | None = None,
+    show_progress: bool | None = None,
 ) -> PretrainResult:
     """Run (or continue) the pretraining run described by ``cfg``; returns where its results are.
 
+    ``show_progress`` draws the driver's step bar (default: when output is quiet, i.e. without ``-v``).
     ``callbacks`` go to Ray Train's RunConfig (a sweep passes Tune's report callback); ``mlflow_tags`` are set on a
     new MLflow run (a sweep passes ``mlflow.parentRunId``); ``register`` overrides ``registry.register``.
     """
     inputs = preflight(cfg)
     t, plan = cfg.train, inputs.plan
+    show_progress = output_is_quiet() if show_progress is None else show_progress
     run_name = t.run_name or time.strftime("mae-%Y%m%d-%H%M%S")
     resume_from, resume_fs, meta = _resume_point(cfg, run_name)
     start_step = meta.step if meta else 0
@@ -198,14 +204,7 @@ def pretrain(
     if problems:
         raise ConfigError(problems)
     start_rows = start_step * plan.rows_per_step
-    trainer = _trainer(
-        cfg,
-        inputs,
-        _loop_config(cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id),
-        run_name,
-        start_rows,
-        callbacks,
-    )
+    loop_config = _loop_config(cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id)
     logger.info(
         "run %s: %d steps (%d per epoch), %d workers, global batch %d (%d × %d accumulation), lr %.3g, %s%s",
         run_name,
@@ -219,7 +218,11 @@ def pretrain(
         inputs.amp or f"train.amp={t.amp} (resolved on the workers)",
         ", torch.compile" if t.compile else "",
     )
-    return _fit(cfg, trainer, PretrainResult(run_name, run_id, tracking_uri, None, start_step, None), register)
+    out = PretrainResult(run_name, run_id, tracking_uri, None, start_step, None)
+    with ProgressBar(plan.total_steps, start_step) if show_progress else nullcontext() as board:
+        loop_config["progress"] = board
+        trainer = _trainer(cfg, inputs, loop_config, run_name, start_rows, callbacks)
+        return _fit(cfg, trainer, out, register)
 
 
 def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) -> PretrainResult:
@@ -229,7 +232,8 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) 
     t_fit = time.monotonic()
     try:
         result = trainer.fit()
-        logger.info("training finished in %.0f s", time.monotonic() - t_fit)
+        out.train_seconds = time.monotonic() - t_fit
+        logger.info("training finished in %.0f s", out.train_seconds)
     except BaseException:
         client.set_terminated(out.mlflow_run_id, status="FAILED")
         raise
@@ -287,7 +291,7 @@ def register_from_checkpoint(
         checkpoint_uri=result.checkpoint_uri,
         experiment=cfg.mlflow.experiment,
     )
-    logger.info("registered %s (alias @%s)", mv.uri, alias)
+    logger.debug("registered %s (alias @%s)", mv.uri, alias)
     return mv
 
 

@@ -26,6 +26,7 @@ from mae_service.train.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from mae_service.train.progress import post
 from mae_service.train.run_logger import RunLogger
 from mae_service.train.schedule import lr_at, make_optimizer, set_lr
 from mae_service.train.step import NonFiniteLossError, StepPlan, build_model, compile_model, optimizer_step
@@ -52,6 +53,7 @@ class Worker:
     amp: torch.dtype | None = None
     ddp_model: torch.nn.Module | None = None
     step: int = 0
+    board: Any = None  # rank 0: the driver's progress bar (mae_service.train.progress), when it draws one
 
 
 @dataclass
@@ -69,6 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     w = _build(config)
+    w.board = config.get("progress") if w.rank == 0 else None
     _restore(w, config)
     w.ddp_model = ray.train.torch.prepare_model(w.model, move_to_device=False)
     if w.cfg.train.compile:
@@ -221,6 +224,7 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def _log(w: Worker, run: RunLogger | None, metrics: dict[str, float], progress: Progress) -> None:
     t, last = w.cfg.train, w.plan.total_steps
+    post(w.board, w.step, progress.last_loss, metrics["images_per_s"])
     if run is not None and _due(w.step, t.log_every_steps, last):
         run.metrics(metrics, w.step)
     if run is not None and progress.picture_batch is not None and _due(w.step, t.picture_every_steps, last):
