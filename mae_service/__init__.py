@@ -4,6 +4,7 @@ Layers, each importing only from those below it (checked by ``lint-imports`` in 
 
     cli                      the console script; each area registers its subcommands (``*/commands.py``)
     tune                     Ray Tune sweeps, built on the training driver's public API
+    finetune                 fine-tuning registered encoders as classifiers on Ray Train; the results table
     train                    Ray Train pretraining: driver, per-worker loop, step, checkpoints, run logger
     tracking                 MLflow: runs, registry lookups and loading, registration, recorded evaluations
     evaluation               embeddings, k-NN, linear probes (no MLflow)

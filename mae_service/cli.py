@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "mae_service.tune.commands",  # sweep
     "mae_service.data.commands",  # data synth | pack
     "mae_service.tracking.commands",  # models …, eval knn, reconstruct
+    "mae_service.finetune.commands",  # eval finetune | report (after tracking: it adds to the eval group)
 )
 
 # Offline hygiene for every process the CLI starts (Ray workers inherit the environment at ray.init).

@@ -34,6 +34,7 @@ from mae_service.config.fields import (
     one_of,
     plain_name,
     positive,
+    rule,
     server_uri,
     unit,
 )
@@ -142,6 +143,38 @@ class RegistryConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """The paper's fine-tuning recipe (MAE appendix A.2), scaled by the budget; ``mae-service eval finetune``."""
+
+    model_uri: str | None = _f(None, "Registered encoder to fine-tune (models:/NAME@ALIAS or models:/NAME/VERSION).")
+    blocks: int | None = _f(
+        None, "Train only the last K blocks (+ final norm, head); 0: linear probe; None: all.", ge(0)
+    )
+    from_scratch: bool = _f(False, "Same architecture from timm's random initialisation (the baseline).")
+    epochs: int = _f(100, "Fine-tuning epochs (the paper: 100 for ViT-B, 50 for ViT-L/H).", ge(1))
+    batch_size: int = _f(1024, "Global batch per optimiser step (all workers together).", ge(1))
+    blr: float = _f(1e-3, "Base learning rate: lr = blr × batch_size / 256.", positive)
+    min_lr: float = _f(1e-6, "Floor of the cosine schedule.", ge(0))
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases and norms).", ge(0))
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas.", each=beta)
+    layer_decay: float = _f(
+        0.75,
+        "Layer-wise lr decay (0.75 for ViT-B, 0.65 for ViT-L/H).",
+        rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )
+    drop_path: float = _f(0.1, "Stochastic depth rate.", rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    smoothing: float = _f(0.1, "Label smoothing.", rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    mixup: float = _f(0.8, "Mixup alpha (0: off).", ge(0))
+    cutmix: float = _f(1.0, "CutMix alpha (0: off).", ge(0))
+    warmup_epochs: float = _f(5.0, "Linear warm-up length in epochs.", ge(0))
+    run_name: str | None = _f(None, "Same run name → the job continues that fine-tune from its checkpoint.", plain_name)
+    model_name: str | None = _f(None, "Registered name of the classifier (default <source name>-ft).", is_model_name)
+    alias: str = _f("current", "Alias set on the classifier's new version.", is_alias)
+    register: bool = _f(True, "Register the fine-tuned classifier when training ends.")
+    checkpoint_every_epochs: int = _f(1, "Epochs between checkpoints (and the last step).", ge(1))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +182,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def micro_batch(self) -> int:
@@ -305,6 +339,23 @@ def _cross_checks(cfg: Config) -> list[str]:
             p.append(
                 f"train.micro_batch_size={micro} must divide the per-worker batch {per_worker} "
                 "(train.batch_size / train.num_workers)"
+            )
+    ft = cfg.finetune
+    if ft.from_scratch and ft.blocks is not None:
+        p.append(
+            f"finetune.from_scratch=true with finetune.blocks={ft.blocks}: the scratch baseline trains every block "
+            "(drop --blocks, or --from-scratch)"
+        )
+    if ft.batch_size >= 1 and t.num_workers >= 1:
+        per_worker, rest = divmod(ft.batch_size, t.num_workers)
+        if rest:
+            p.append(
+                f"finetune.batch_size={ft.batch_size} (global) is not divisible by train.num_workers={t.num_workers}"
+            )
+        elif per_worker % 2 and (ft.mixup > 0 or ft.cutmix > 0):
+            p.append(
+                f"finetune.batch_size={ft.batch_size} gives {per_worker} images per worker: mixup/cutmix pair images "
+                "within a batch, so it must be even (or set finetune.mixup=0 finetune.cutmix=0)"
             )
     if t.amp == "fp16" and not t.use_gpu:  # bf16 may run on CPUs that have it: checked at run time
         p.append("train.amp='fp16' needs train.use_gpu=true (fp16 autocast is GPU-only; on CPU use auto, bf16 or none)")

@@ -16,6 +16,7 @@ MLflow, torch and timm load on first use of a function.
 - :func:`list_versions`, :func:`describe`, :func:`download`, :func:`promote` — what ``mae-service models`` runs.
 - :func:`record_eval` — evaluation metrics as an MLflow run and as tags on the model version.
 - :func:`evaluate_model` — what ``mae-service eval knn`` runs.
+- :func:`load_classifier` / :func:`register_classifier` — fine-tuned classifiers (:mod:`.classifiers`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _EXPORTS = {
     "parse_model_uri": "mae_service.tracking.uris",
     "ModelRef": "mae_service.tracking.uris",
     "evaluate_model": "mae_service.tracking.evaluations",
+    "load_classifier": "mae_service.tracking.classifiers",
+    "register_classifier": "mae_service.tracking.classifiers",
 }
 
 __all__ = [
@@ -46,15 +49,18 @@ __all__ = [
     "download",
     "evaluate_model",
     "list_versions",
+    "load_classifier",
     "load_encoder",
     "load_mae",
     "parse_model_uri",
     "promote",
     "record_eval",
+    "register_classifier",
     "register_encoder",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mae_service.tracking.classifiers import load_classifier, register_classifier
     from mae_service.tracking.evaluations import evaluate_model
     from mae_service.tracking.register import RegisteredEncoder, promote, record_eval, register_encoder
     from mae_service.tracking.registry import describe, download, list_versions, load_encoder, load_mae
