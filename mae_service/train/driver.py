@@ -26,7 +26,7 @@ from mae_service.tracking.runs import (
     resolve_tracking_uri,
     sanitize_uri,
 )
-from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint
+from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint, storage_failure
 from mae_service.train.preflight import Inputs, plan_steps, preflight
 
 __all__ = ["PretrainResult", "plan_steps", "preflight", "pretrain", "register_from_checkpoint", "register_latest"]
@@ -230,8 +230,10 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) 
     try:
         result = trainer.fit()
         logger.info("training finished in %.0f s", time.monotonic() - t_fit)
-    except BaseException:
+    except BaseException as e:
         client.set_terminated(out.mlflow_run_id, status="FAILED")
+        if problem := storage_failure(e, cfg.train.storage_path):
+            raise ConfigError([problem]) from e
         raise
     ckpt = result.checkpoint
     out.metrics = dict(result.metrics or {})
