@@ -79,6 +79,19 @@ def _sha256(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _scrubbed(value: Any) -> Any:
+    """``value`` with credentials removed from every string in it (URI user-info, secrets of the environment)."""
+    from mae_service.tracking.runs import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -108,7 +121,7 @@ def save_checkpoint(
         names = ["model.safetensors", "state.pt"] + ([CONFIG_FILE] if config_yaml is not None else [])
         meta.files = {n: {"bytes": (d / n).stat().st_size, "sha256": _sha256(d / n)} for n in names}
         tmp = d / f".{META_FILE}.tmp"
-        tmp.write_text(json.dumps(meta.__dict__, indent=1, default=str))
+        tmp.write_text(json.dumps(_scrubbed(meta.__dict__), indent=1, default=str))
         os.replace(tmp, d / META_FILE)  # last, and atomic: a reader sees no meta.json or a complete one
     except OSError as e:
         raise CheckpointWriteError(

@@ -122,6 +122,7 @@ def _trainer(
         for r in range(t.num_workers)
     }
     storage_fs, storage_root = filesystem_for(t.storage_path, s3_endpoint=cfg.data.s3_endpoint)
+    auth = worker_env()
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -134,10 +135,21 @@ def _trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": auth} if auth else None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
+
+
+def worker_env() -> dict[str, str]:
+    """MLflow's auth variables (:data:`~mae_service.config.fields.AUTH_ENV`) where set: what the workers need to log
+    to a server that wants credentials. Passed in the workers' runtime env, never in their config."""
+    import os
+
+    from mae_service.config.fields import AUTH_ENV
+
+    return {k: os.environ[k] for k in AUTH_ENV if os.environ.get(k)}
 
 
 def _loop_config(cfg: Config, inputs: Inputs, *, start_rows: int, resume: tuple[Any, Any], run_id: str) -> dict:
