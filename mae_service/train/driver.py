@@ -196,10 +196,10 @@ def pretrain(
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
     if meta is not None and start_step >= plan.total_steps:
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
-        connect(tracking_uri, must_exist=False)[0].set_terminated(run_id, status="FINISHED")
-        return PretrainResult(
+        done = PretrainResult(
             run_name, run_id, tracking_uri, checkpoint_uri(t.storage_path, resume_from), start_step, meta.loss
         )
+        return _finish_trained(cfg, done, resume_from, resume_fs, register)
     init_ray(t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus + 1, dashboard=True)
     problems = resource_problems(
         num_workers=t.num_workers,
@@ -232,6 +232,23 @@ def pretrain(
         ", torch.compile" if t.compile else "",
     )
     return _fit(cfg, trainer, PretrainResult(run_name, run_id, tracking_uri, None, start_step, None), register)
+
+
+def _finish_trained(cfg: Config, out: PretrainResult, path: str, fs: Any, register: bool | None) -> PretrainResult:
+    """A resubmitted run that has trained all its steps: register its final checkpoint (``registry.register``, under
+    this job's ``registry.alias``), then close its MLflow run FINISHED (FAILED when registering fails)."""
+    from ray.train import Checkpoint
+
+    client = connect(out.tracking_uri, must_exist=False)[0]
+    assert out.mlflow_run_id is not None
+    status = "FAILED"
+    try:
+        if cfg.registry.register if register is None else register:
+            out.model_version = register_from_checkpoint(cfg, Checkpoint(path, filesystem=fs), out)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(out.mlflow_run_id, status=status)
+    return out
 
 
 def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) -> PretrainResult:
