@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_output(not args.verbose)  # Ray's and MLflow's own lines only with -v
     try:
         rc = args.func(args)
-    except ValueError as e:  # user mistakes: one clear line (ConfigError lists every problem)
-        print(f"mae-service {args.command}: error: {e}", file=sys.stderr)
+    except ValueError as e:  # user mistakes: one clear line (ConfigError lists every problem), no credentials
+        from mae_service.tracking.runs import redact
+
+        print(f"mae-service {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mae-service {args.command}: interrupted", file=sys.stderr)

@@ -56,6 +56,33 @@ def experiment_name(request):
     return f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``mae-service …`` in this process; returns (exit code, stdout, stderr). Env changes are undone."""
+    for key in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+        "MLFLOW_TRACKING_USERNAME",  # set from http://user:password@… tracking URIs
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
+        old = os.environ.get(key)
+        monkeypatch.setenv(key, old or "")  # recorded, so the CLI's setdefault is undone after the test
+        if old is None:
+            monkeypatch.delenv(key)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        from mae_service.cli import main
+
+        rc = main(list(argv))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
 __all__ = ["AWS_TEST_ENV"]
 
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -162,3 +163,62 @@ class MlflowServer:
     def stop(self) -> None:
         stop_pid(self.proc)
         self._log.close()
+
+
+class BasicAuthProxy:
+    """An HTTP reverse proxy on 127.0.0.1 that asks for basic-auth credentials (as nginx in front of an MLflow
+    server does) and forwards what carries them to ``upstream``. Serves from a thread of this process."""
+
+    def __init__(self, upstream: str, user: str, password: str):
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.refused = 0
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                if self.path != "/health" and self.headers.get("Authorization") != expected:
+                    proxy.refused += 1
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization")}
+                req = urllib.request.Request(upstream + self.path, data=body, headers=headers, method=self.command)
+                try:
+                    resp = urllib.request.urlopen(req, timeout=60)
+                except urllib.error.HTTPError as e:
+                    resp = e
+                data = resp.read()
+                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def uri(self, user: str | None = None, password: str | None = None) -> str:
+        auth = f"{user}:{password}@" if user is not None else ""
+        return f"http://{auth}127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

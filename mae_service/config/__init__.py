@@ -25,6 +25,7 @@ import yaml
 from mae_service.config.fields import (
     WHERE,
     ConfigError,
+    adopt_credentials,
     beta,
     coerce,
     filled,
@@ -277,6 +278,10 @@ def _merge(raw: Any, overrides: list[str] | tuple[str, ...], problems: list[str]
     # (e.g. from the KubeRay Secret); a file or override still wins.
     if "tracking_uri" not in merged["mlflow"] and os.environ.get("MLFLOW_TRACKING_URI"):
         merged["mlflow"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    # ``http://user:password@host``: the credentials move to MLflow's auth variables (which the driver passes to
+    # its workers), so no config — params, config.yaml, checkpoints, worker arguments — ever holds them
+    if isinstance(merged["mlflow"].get("tracking_uri"), str):
+        merged["mlflow"]["tracking_uri"] = adopt_credentials(merged["mlflow"]["tracking_uri"])
     return merged
 
 

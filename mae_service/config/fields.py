@@ -7,6 +7,7 @@ The alias and model-name rules live here once; the registry (``mae_service.track
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import field
 from typing import Any, get_args, get_origin
@@ -38,6 +39,35 @@ def model_name_problem(name: Any) -> str | None:
         and name not in (".", "..")
     )
     return None if ok else MODEL_NAME_RULE
+
+
+AUTH_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+"""Where MLflow's client reads HTTP basic-auth credentials (never a URI, a param, a tag or a checkpoint)."""
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http(s)://user:password@host…`` → ``(http(s)://host…, user, password)`` (percent-decoded); any other URI
+    (databases keep theirs: SQLAlchemy reads them from the URI) comes back unchanged with ``(None, None)``."""
+    parts = urllib.parse.urlsplit(uri) if isinstance(uri, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    user, _, password = parts.netloc.rsplit("@", 1)[0].partition(":")
+    host = parts.netloc.rsplit("@", 1)[1]
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return clean, urllib.parse.unquote(user) or None, urllib.parse.unquote(password) if password else None
+
+
+def adopt_credentials(uri: str, environ: dict | None = None) -> str:
+    """``uri`` without its user-info; the user and password go to :data:`AUTH_ENV` in ``environ`` (default
+    ``os.environ``), where MLflow's client (and, passed on, Ray workers) read them."""
+    import os
+
+    clean, user, password = split_credentials(uri)
+    env = os.environ if environ is None else environ
+    for key, value in zip(AUTH_ENV, (user, password), strict=True):
+        if value is not None:
+            env[key] = value
+    return clean
 
 
 class ConfigError(ValueError):

@@ -26,11 +26,10 @@ def _fast_fail() -> None:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    from mae_service.tracking.runs import check_reachable
+    from mae_service.tracking.runs import check_reachable, resolve_tracking_uri
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
+    # absolute SQLite path; http://user:password@… credentials moved to MLflow's auth variables
+    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     check_reachable(uri)
     return uri
 

@@ -15,6 +15,8 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from mae_service.config.fields import AUTH_ENV, adopt_credentials
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -77,11 +79,13 @@ def clean_tags(tags: dict[str, Any] | None, max_chars: int = 5000) -> dict[str, 
 # ---- where the tracking store is, and whether it answers ------------------------------------------------------
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri`` (default: MLflow's, i.e. ``$MLFLOW_TRACKING_URI``); a relative ``sqlite:///x.db`` becomes absolute,
-    so Ray workers (another working directory) write to the same file."""
+    so Ray workers (another working directory) write to the same file. ``http://user:password@host``: the
+    credentials move to ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` and the URI loses them."""
     if not uri:
         import mlflow
 
         uri = mlflow.get_tracking_uri()
+    uri = adopt_credentials(uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + os.path.abspath(uri[len(prefix) :])
@@ -95,18 +99,20 @@ def tracking_problem(uri: str, *, must_exist: bool, timeout: float = 5.0) -> str
     for lookups (``must_exist``), its folder for runs that create it. ``file:`` stores: MLflow 3 has no registry
     on them.
     """
+    uri = adopt_credentials(uri)
     shown = sanitize_uri(uri)
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-                return None
+                pass
         except urllib.error.HTTPError:
-            return None  # it answered (perhaps 401/404): reachable
+            pass  # it answered (perhaps 401/404): reachable
         except (urllib.error.URLError, OSError) as e:
             return (
                 f"MLflow tracking server {shown} is unreachable ({getattr(e, 'reason', e)}); start it or give "
                 "the URI of a running one (mlflow.tracking_uri, --tracking-uri or MLFLOW_TRACKING_URI)"
             )
+        return _auth_problem(uri, shown, timeout)
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :].split("?", 1)[0]
         if not path or path == ":memory:":
@@ -125,6 +131,31 @@ def tracking_problem(uri: str, *, must_exist: bool, timeout: float = 5.0) -> str
             f"tracking URI {shown!r}: MLflow 3 needs a database or server URI (sqlite:///mlflow.db, http://host:5000)"
         )
     return None
+
+
+def _auth_problem(uri: str, shown: str, timeout: float) -> str | None:
+    """None unless the server at ``uri`` refuses an API call (HTTP 401/403) made with the credentials MLflow's client
+    would send (:data:`AUTH_ENV`)."""
+    import base64
+
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = (os.environ.get(k) for k in AUTH_ENV)
+    if user or password:
+        token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            return None
+        given = f"the credentials of user {user!r} were refused" if user or password else "it needs credentials"
+        return (
+            f"MLflow tracking server {shown} answered HTTP {e.code}: {given}; put USER:PASSWORD@ before the "
+            "host in the URI, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    except (urllib.error.URLError, OSError):
+        return None  # /health answered: let MLflow's client report what follows
 
 
 def check_reachable(uri: str, *, must_exist: bool = True) -> None:

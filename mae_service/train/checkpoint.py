@@ -5,8 +5,13 @@ A checkpoint is a directory (uploaded by Ray Train to ``train.storage_path/<run_
     model.safetensors   MAE weights (the reference checkpoints' key names)
     state.pt            optimiser, AMP scaler and RNG states: tensors and plain containers only,
                         read back with ``torch.load(weights_only=True)``
-    meta.json           step, rows consumed per rank, resolved config, model args, MLflow run id, last loss
+    meta.json           step, rows consumed per rank, resolved config, model args, MLflow run id, last loss,
+                        and the bytes and sha256 of every other file (written last, after the files were read back)
     config.yaml         the resolved config the run used (credentials scrubbed), for people and for load_config
+
+A reader trusts a step folder only when its ``meta.json`` parses and every file it lists has the recorded size
+(:func:`latest_checkpoint`: an interrupted upload or a full disk is passed over, with a warning naming the
+folder); :func:`read_meta` also checks the sha256 of each file before a checkpoint is loaded.
 
 Writing and reading is pure (torch, safetensors, json); finding a run's latest checkpoint on its storage
 (local or ``s3://``) uses pyarrow's filesystems through :mod:`mae_service.data.storage`.
@@ -14,7 +19,9 @@ Writing and reading is pure (torch, safetensors, json); finding a run's latest c
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +34,13 @@ from safetensors.torch import load_file, save_file
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.yaml"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+META_FILE = "meta.json"
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only or missing folder); the message names the path."""
 
 
 def step_dir_name(step: int) -> str:
@@ -43,6 +57,9 @@ class CheckpointMeta:
     mlflow_run_id: str | None = None
     loss: float | None = None
     format_version: int = FORMAT_VERSION
+    files: dict[str, dict[str, Any]] | None = None
+    """``{file name: {"bytes": n, "sha256": hex}}`` of every file beside ``meta.json`` (None: an older
+    checkpoint, trusted as it is)."""
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointMeta:
@@ -54,6 +71,27 @@ class CheckpointMeta:
         return cls(**d)
 
 
+def _sha256(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with credentials removed from every string in it (URI user-info, secrets of the environment)."""
+    from mae_service.tracking.runs import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -63,25 +101,61 @@ def save_checkpoint(
     meta: CheckpointMeta,
     config_yaml: str | None = None,
 ) -> None:
+    """Write a checkpoint into ``directory``: the files, then ``meta.json`` recording their sizes and sha256 (read
+    back from disk), atomically. :class:`CheckpointWriteError` naming the folder when the storage refuses."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(d / "model.safetensors"))
-    extra: dict[str, Any] = {
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "torch_rng": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(extra, d / "state.pt")
-    if config_yaml is not None:
-        (d / CONFIG_FILE).write_text(config_yaml)
-    (d / "meta.json").write_text(json.dumps(meta.__dict__, indent=1, default=str))  # last: marks it complete
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(d / "model.safetensors"))
+        extra: dict[str, Any] = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(extra, d / "state.pt")
+        if config_yaml is not None:
+            (d / CONFIG_FILE).write_text(config_yaml)
+        names = ["model.safetensors", "state.pt"] + ([CONFIG_FILE] if config_yaml is not None else [])
+        meta.files = {n: {"bytes": (d / n).stat().st_size, "sha256": _sha256(d / n)} for n in names}
+        tmp = d / f".{META_FILE}.tmp"
+        tmp.write_text(json.dumps(_scrubbed(meta.__dict__), indent=1, default=str))
+        os.replace(tmp, d / META_FILE)  # last, and atomic: a reader sees no meta.json or a complete one
+    except OSError as e:
+        raise CheckpointWriteError(
+            e.errno,
+            f"cannot write the checkpoint to {str(d)!r}: {e.strerror or e}; the checkpoints written before are intact",
+        ) from e
 
 
-def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
-    return CheckpointMeta.from_json((Path(directory) / "meta.json").read_text())
+def read_meta(directory: str | os.PathLike, *, verify: bool = True) -> CheckpointMeta:
+    """The checkpoint's meta; with ``verify``, ValueError naming the file unless every recorded file has its size
+    and sha256."""
+    d = Path(directory)
+    meta = CheckpointMeta.from_json((d / META_FILE).read_text())
+    for name, want in (meta.files or {}).items() if verify else ():
+        path = d / name
+        if not path.is_file() or path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+            raise ValueError(
+                f"checkpoint file {str(path)!r} is missing, truncated or modified (its size or sha256 differs "
+                "from meta.json); resubmit to continue from the previous complete checkpoint"
+            )
+    return meta
+
+
+def _incomplete(fs: Any, path: str, meta: CheckpointMeta) -> str | None:
+    """Why the checkpoint at ``path`` (on ``fs``) is incomplete, by the file sizes recorded in its meta; or None."""
+    import pyarrow.fs as pafs
+
+    for name, want in (meta.files or {}).items():
+        info = fs.get_file_info(f"{path}/{name}")
+        if info.type != pafs.FileType.File:
+            return f"{name} is missing"
+        if info.size != want["bytes"]:
+            return f"{name} has {info.size} bytes, {want['bytes']} were written"
+    return None
 
 
 def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> None:
@@ -105,8 +179,9 @@ def latest_checkpoint(
     storage_path: str, run_name: str, s3_endpoint: str | None
 ) -> tuple[str, Any, CheckpointMeta] | None:
     """The newest complete checkpoint of run ``run_name`` under ``storage_path``: ``(path on its filesystem,
-    pyarrow filesystem, meta)``, or None. A step folder without a readable ``meta.json`` (an interrupted upload)
-    is passed over for the one before."""
+    pyarrow filesystem, meta)``, or None. A step folder without a readable ``meta.json``, or whose files do not
+    have the sizes it records (an interrupted upload, a full disk), is passed over for the one before, with a
+    warning naming it."""
     import pyarrow.fs as pafs
 
     from mae_service.data.storage import filesystem_for
@@ -122,11 +197,39 @@ def latest_checkpoint(
     )
     for path in steps:
         try:
-            with fs.open_input_stream(f"{path}/meta.json") as f:
-                return path, fs, CheckpointMeta.from_json(f.read().decode())
-        except (OSError, FileNotFoundError):
-            continue
+            with fs.open_input_stream(f"{path}/{META_FILE}") as f:
+                meta = CheckpointMeta.from_json(f.read().decode())
+            problem = _incomplete(fs, path, meta)
+        except FileNotFoundError:
+            problem = f"no {META_FILE} (the checkpoint was not finished)"
+        except (OSError, ValueError, TypeError) as e:  # unreadable, not JSON, or not a checkpoint meta
+            problem = f"{META_FILE} is unreadable ({e})"
+        if problem is None:
+            return path, fs, meta
+        logger.warning("skipping incomplete checkpoint %s: %s; trying the one before", path, problem)
     return None
+
+
+_STORAGE_ERRORS = re.compile(
+    r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded|AccessDenied"
+)
+
+
+def storage_failure(error: BaseException, storage_path: str) -> str | None:
+    """One line naming ``storage_path`` when ``error`` (e.g. Ray Train's, wrapping a worker's) is the storage
+    refusing a write (full, read-only, no permission); None for other errors."""
+    seen, e, texts = set(), error, []
+    while e is not None and id(e) not in seen:  # the chain of causes, and what Ray kept of the worker's error
+        seen.add(id(e))
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    m = next((m for t in texts if (m := _STORAGE_ERRORS.search(t))), None)
+    if m is None:
+        return None
+    return (
+        f"train.storage_path={storage_path!r}: writing a checkpoint failed ({m.group(0)}); free space or give a "
+        "writable train.storage_path, then resubmit: the run continues from its last complete checkpoint"
+    )
 
 
 def checkpoint_uri(storage_path: str, fs_path: str | None) -> str | None:

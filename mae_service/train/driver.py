@@ -27,7 +27,7 @@ from mae_service.tracking.runs import (
     resolve_tracking_uri,
     sanitize_uri,
 )
-from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint
+from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint, storage_failure
 from mae_service.train.preflight import Inputs, plan_steps, preflight
 from mae_service.train.progress import ProgressBar
 
@@ -125,6 +125,7 @@ def _trainer(
         for r in range(t.num_workers)
     }
     storage_fs, storage_root = filesystem_for(t.storage_path, s3_endpoint=cfg.data.s3_endpoint)
+    auth = worker_env()
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -137,10 +138,21 @@ def _trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": auth} if auth else None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
+
+
+def worker_env() -> dict[str, str]:
+    """MLflow's auth variables (:data:`~mae_service.config.fields.AUTH_ENV`) where set: what the workers need to log
+    to a server that wants credentials. Passed in the workers' runtime env, never in their config."""
+    import os
+
+    from mae_service.config.fields import AUTH_ENV
+
+    return {k: os.environ[k] for k in AUTH_ENV if os.environ.get(k)}
 
 
 def _loop_config(cfg: Config, inputs: Inputs, *, start_rows: int, resume: tuple[Any, Any], run_id: str) -> dict:
@@ -190,10 +202,10 @@ def pretrain(
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
     if meta is not None and start_step >= plan.total_steps:
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
-        connect(tracking_uri, must_exist=False)[0].set_terminated(run_id, status="FINISHED")
-        return PretrainResult(
+        done = PretrainResult(
             run_name, run_id, tracking_uri, checkpoint_uri(t.storage_path, resume_from), start_step, meta.loss
         )
+        return _finish_trained(cfg, done, resume_from, resume_fs, register)
     init_ray(t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus + 1, dashboard=True)
     problems = resource_problems(
         num_workers=t.num_workers,
@@ -225,6 +237,23 @@ def pretrain(
         return _fit(cfg, trainer, out, register)
 
 
+def _finish_trained(cfg: Config, out: PretrainResult, path: str, fs: Any, register: bool | None) -> PretrainResult:
+    """A resubmitted run that has trained all its steps: register its final checkpoint (``registry.register``, under
+    this job's ``registry.alias``), then close its MLflow run FINISHED (FAILED when registering fails)."""
+    from ray.train import Checkpoint
+
+    client = connect(out.tracking_uri, must_exist=False)[0]
+    assert out.mlflow_run_id is not None
+    status = "FAILED"
+    try:
+        if cfg.registry.register if register is None else register:
+            out.model_version = register_from_checkpoint(cfg, Checkpoint(path, filesystem=fs), out)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(out.mlflow_run_id, status=status)
+    return out
+
+
 def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) -> PretrainResult:
     """``trainer.fit()``, then the run's MLflow record and (``registry.register``) the encoder's registration."""
     client = connect(out.tracking_uri, must_exist=False)[0]
@@ -234,8 +263,10 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) 
         result = trainer.fit()
         out.train_seconds = time.monotonic() - t_fit
         logger.info("training finished in %.0f s", out.train_seconds)
-    except BaseException:
+    except BaseException as e:
         client.set_terminated(out.mlflow_run_id, status="FAILED")
+        if problem := storage_failure(e, cfg.train.storage_path):
+            raise ConfigError([problem]) from e
         raise
     ckpt = result.checkpoint
     out.metrics = dict(result.metrics or {})

@@ -37,9 +37,48 @@ def _open(cfg: Config, key: str, uri: str, problems: list[str]) -> Any:
         return None
 
 
+def checkpoint_bytes(cfg: Config) -> int:
+    """About how many bytes one checkpoint of ``cfg``'s model takes: fp32 weights and AdamW's two moments."""
+    import torch
+
+    from mae_service.train.step import build_model
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        n = sum(p.numel() for p in build_model(cfg).parameters())
+    return 12 * n
+
+
+def _local_storage_problem(cfg: Config) -> str | None:
+    """A local ``train.storage_path`` must be (below) a folder this process can write, with room for a checkpoint."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    key, where = f"train.storage_path={cfg.train.storage_path!r}", "give a writable folder or s3://bucket/prefix"
+    path = cfg.train.storage_path.removeprefix("file://")
+    if "://" in path:
+        return None  # another pyarrow filesystem: Ray Train reports what it refuses
+    folder = Path(path).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{key}: {str(folder)!r} is a file, not a folder; {where}"
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".mae-write-test-"):
+            pass
+    except OSError as e:
+        return f"{key}: cannot write in {str(folder)!r} ({e.strerror or e}); {where}"
+    need, free = checkpoint_bytes(cfg), shutil.disk_usage(folder).free
+    if free < need:
+        return (
+            f"{key}: {free / 2**20:.0f} MiB free, one checkpoint of {cfg.model.name} needs about {need / 2**20:.0f} MiB"
+        )
+    return None
+
+
 def _storage_problem(cfg: Config) -> str | None:
     if not cfg.train.storage_path.startswith("s3://"):
-        return None
+        return _local_storage_problem(cfg)
     import pyarrow.fs as pafs
 
     from mae_service.data.storage import filesystem_for

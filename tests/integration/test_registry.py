@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from mae_service.cli import main
 from mae_service.evaluation import embed
 from mae_service.model import create_model
 from mae_service.tracking import describe, list_versions, load_encoder, load_mae, promote, record_eval
@@ -70,29 +69,6 @@ def registry(tmp_path_factory):
         yield {"uri": uri, "root": root, "model": model, "reg": reg}
     finally:
         os.chdir(cwd)
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run ``mae-service …`` in this process; returns (exit code, stdout, stderr). Env changes are undone."""
-    for key in (
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-    ):
-        old = os.environ.get(key)
-        monkeypatch.setenv(key, old or "")  # recorded, so the CLI's setdefault is undone after the test
-        if old is None:
-            monkeypatch.delenv(key)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = main(list(argv))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 def test_register_list_show_download_load(registry, cli, tmp_path):
