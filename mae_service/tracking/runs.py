@@ -16,6 +16,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from mae_service.config.fields import AUTH_ENV, adopt_credentials
+from mae_service.config.secrets import _SECRET_ENV, redact  # noqa: F401 - redact is this module's API too
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,15 +30,6 @@ ROLE_TAG = "mae.role"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the whole config also goes in as config.yaml
 
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_?key|api_?key|session", re.IGNORECASE)
-_SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "HF_TOKEN",
-    "RAY_AUTH_TOKEN",
-)
 
 
 # ---- keeping credentials out --------------------------------------------------------------------------------
@@ -50,17 +42,6 @@ def sanitize_uri(uri: str) -> str:
             host += f":{parts.port}"
         return urllib.parse.urlunsplit(parts._replace(netloc=host))
     return uri
-
-
-def redact(value: str) -> str:
-    """Drop credentials from a text: URL user-info, signed query strings, the values of secret env vars."""
-    value = re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]+@", r"\1", value)
-    value = re.sub(r"\?[^\s]*(signature|token|credential|secret|password)[^\s]*", "", value, flags=re.IGNORECASE)
-    for env in _SECRET_ENV:
-        secret = os.environ.get(env)
-        if secret and len(secret) >= 8 and secret in value:
-            value = value.replace(secret, "<redacted>")
-    return value
 
 
 def clean_tags(tags: dict[str, Any] | None, max_chars: int = 5000) -> dict[str, str]:

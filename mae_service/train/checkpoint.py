@@ -81,7 +81,7 @@ def _sha256(path: Path, block: int = 1 << 20) -> str:
 
 def _scrubbed(value: Any) -> Any:
     """``value`` with credentials removed from every string in it (URI user-info, secrets of the environment)."""
-    from mae_service.tracking.runs import redact
+    from mae_service.config.secrets import redact
 
     if isinstance(value, str):
         return redact(value)
@@ -218,7 +218,9 @@ _STORAGE_ERRORS = re.compile(
 def storage_failure(error: BaseException, storage_path: str) -> str | None:
     """One line naming ``storage_path`` when ``error`` (e.g. Ray Train's, wrapping a worker's) is the storage
     refusing a write (full, read-only, no permission); None for other errors."""
-    seen, e, texts = set(), error, []
+    seen: set[int] = set()
+    texts: list[str] = []
+    e: BaseException | None = error
     while e is not None and id(e) not in seen:  # the chain of causes, and what Ray kept of the worker's error
         seen.add(id(e))
         texts.append(str(e))

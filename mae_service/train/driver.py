@@ -138,7 +138,7 @@ def _trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": auth} if auth else None,
+            worker_runtime_env={"env_vars": auth} if auth else None,  # type: ignore[call-arg]
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
