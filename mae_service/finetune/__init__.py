@@ -3,7 +3,7 @@
 Owns: ``preflight`` (every check before Ray: source encoder, ``--blocks`` range, labels and class sets, storage),
 ``driver`` (preflight → MLflow run → ``TorchTrainer.fit`` → registered classifier → score on the source version),
 ``loop`` (the per-rank function: the paper's fine-tuning recipe with timm's layer decay, Mixup/CutMix, soft-target
-loss and drop path), ``report`` (k-NN, linear probe, partial and full fine-tune, scratch baseline: one table) and
+loss and drop path), ``table`` (``report``: k-NN, linear probe, partial and full fine-tune, scratch baseline: one table) and
 ``commands`` (``mae-service eval finetune`` and ``eval report``).
 
 May import: ``train`` (checkpoints, step plan, run logger, the MLflow run of a job), ``tracking``, ``evaluation``,
@@ -20,15 +20,15 @@ _EXPORTS = {
     "finetune": "mae_service.finetune.driver",
     "FinetuneResult": "mae_service.finetune.driver",
     "protocol": "mae_service.finetune.driver",
-    "report": "mae_service.finetune.report",
-    "ReportResult": "mae_service.finetune.report",
+    "report": "mae_service.finetune.table",
+    "ReportResult": "mae_service.finetune.table",
 }
 
 __all__ = ["FinetuneResult", "ReportResult", "finetune", "protocol", "report"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from mae_service.finetune.driver import FinetuneResult, finetune, protocol
-    from mae_service.finetune.report import ReportResult, report
+    from mae_service.finetune.table import ReportResult, report
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -64,7 +64,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mae_service.finetune.report import report
+    from mae_service.finetune.table import report
 
     res = report(_config(args), epochs=args.epochs, partial_blocks=tuple(args.partial), out_dir=args.out)
     print(res.markdown)

@@ -85,7 +85,14 @@ def _csv(rows: list[ReportRow]) -> str:
     w.writerow(HEADER)
     for r in rows:
         w.writerow(
-            [r.protocol, r.trains, r.top1, r.top5 if r.top5 is not None else "", r.random_init_top1 or "", r.seconds]
+            [
+                r.protocol,
+                r.trains,
+                r.top1,
+                r.top5 if r.top5 is not None else "",
+                "" if r.random_init_top1 is None else r.random_init_top1,
+                r.seconds,
+            ]
         )
     return buf.getvalue()
 
