@@ -91,45 +91,19 @@ def _resume(cfg: Config, run_name: str) -> tuple[Any, Any, Any]:
 
 
 def _trainer(cfg: Config, inputs: FinetuneInputs, loop_config: dict[str, Any], run_name: str, start_rows: int) -> Any:
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mae_service.data import ingest_options, train_dataset
-    from mae_service.data.storage import filesystem_for
     from mae_service.finetune.loop import finetune_loop_per_worker
+    from mae_service.train.trainer import ray_trainer
 
-    t = cfg.train
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {
-        f"train_{r}": train_dataset(
-            inputs.train,
-            rank=r,
-            world_size=t.num_workers,
-            image_size=inputs.arch["image_size"],
-            seed=t.seed,
-            batch_size=inputs.plan.micro_batch,
-            epochs=cfg.finetune.epochs,
-            start_sample=start_rows,
-            decode_cpus=cfg.data.decode_cpus,
-        )
-        for r in range(t.num_workers)
-    }
-    storage_fs, storage_root = filesystem_for(t.storage_path, s3_endpoint=cfg.data.s3_endpoint)
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    return TorchTrainer(
+    return ray_trainer(
+        cfg,
         finetune_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_root,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
+        loop_config,
+        run_name,
+        inputs.train,
+        image_size=inputs.arch["image_size"],
+        micro_batch=inputs.plan.micro_batch,
+        epochs=cfg.finetune.epochs,
+        start_rows=start_rows,
     )
 
 

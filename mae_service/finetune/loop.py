@@ -32,6 +32,7 @@ from mae_service.train.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from mae_service.train.loop import rank_batches, resume_checkpoint
 from mae_service.train.run_logger import RunLogger
 from mae_service.train.schedule import lr_at
 from mae_service.train.step import StepPlan
@@ -127,12 +128,7 @@ def _build(config: dict[str, Any]) -> Worker:
 
 
 def _restore(w: Worker, config: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_from"):
-        ckpt = Checkpoint(config["resume_from"], filesystem=config.get("resume_filesystem"))
+    ckpt = resume_checkpoint(config)
     if ckpt is None:
         return
     with ckpt.as_directory() as d:
@@ -145,15 +141,7 @@ def _restore(w: Worker, config: dict[str, Any]) -> None:
 
 
 def _batches(w: Worker, start_rows: int):
-    import ray.data
-    import ray.train
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    shard = ray.train.get_dataset_shard(f"train_{w.rank}")
-    batches = iter(shard.iter_torch_batches(batch_size=w.plan.micro_batch, prefetch_batches=2, drop_last=True))
-    for _ in range(w.step - start_rows // w.plan.micro_batch):  # after a worker failure: the stream restarts
-        next(batches)
-    return batches
+    return rank_batches(w.rank, w.step, w.plan, start_rows)
 
 
 def _seed(seed: int, rank: int, step: int) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from mae_service.config import Config, ConfigError
 from mae_service.tracking.runs import resolve_tracking_uri, tracking_problem
+from mae_service.train.preflight import driver_amp, s3_storage_problem
 from mae_service.train.step import StepPlan
 
 LABEL_HINT = "fine-tuning needs labels: class folders (files), .cls members (wds) or a label column (parquet)"
@@ -95,37 +96,6 @@ def _label_problems(train: Any, val: Any, cfg: Config) -> list[str]:
     return out
 
 
-def _storage_problem(cfg: Config) -> str | None:
-    if not cfg.train.storage_path.startswith("s3://"):
-        return None
-    import pyarrow.fs as pafs
-
-    from mae_service.data.storage import filesystem_for
-
-    try:
-        fs, path = filesystem_for(cfg.train.storage_path, s3_endpoint=cfg.data.s3_endpoint)
-        bucket = path.split("/", 1)[0]
-        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            return f"train.storage_path={cfg.train.storage_path!r}: bucket {bucket!r} does not exist"
-    except (OSError, ValueError) as e:
-        return f"train.storage_path={cfg.train.storage_path!r}: {e}"
-    return None
-
-
-def _amp(cfg: Config, problems: list[str]) -> str | None:
-    import torch
-
-    from mae_service.model.precision import amp_name, resolve_amp
-
-    if cfg.train.use_gpu and not torch.cuda.is_available():
-        return None
-    try:
-        return amp_name(resolve_amp(cfg.train.amp, "cuda" if cfg.train.use_gpu else "cpu"))
-    except ValueError as e:
-        problems.append(str(e))
-        return None
-
-
 def _source(cfg: Config, problems: list[str]) -> tuple[Any, Any]:
     """``(version, encoder)`` of ``finetune.model_uri``, or Nones with the problem recorded."""
     from mae_service.tracking.registry import check_encoder, load_encoder, pinned_uri, resolve
@@ -160,7 +130,7 @@ def preflight(cfg: Config) -> FinetuneInputs:
 
     problems: list[str] = []
     ft = cfg.finetune
-    amp = _amp(cfg, problems)
+    amp = driver_amp(cfg, problems)
     mv, encoder = _source(cfg, problems)
     arch = None
     if encoder is not None:
@@ -175,7 +145,7 @@ def preflight(cfg: Config) -> FinetuneInputs:
     problems += _label_problems(train, val, cfg)
     if problem := tracking_problem(resolve_tracking_uri(cfg.mlflow.tracking_uri), must_exist=False):
         problems.append(problem)
-    if problem := _storage_problem(cfg):
+    if problem := s3_storage_problem(cfg):
         problems.append(problem)
     plan = None
     if train is not None:

@@ -30,6 +30,7 @@ from mae_service.tracking.runs import (
 from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint, storage_failure
 from mae_service.train.preflight import Inputs, plan_steps, preflight
 from mae_service.train.progress import ProgressBar
+from mae_service.train.trainer import ray_trainer
 
 __all__ = ["PretrainResult", "plan_steps", "preflight", "pretrain", "register_from_checkpoint", "register_latest"]
 
@@ -100,59 +101,20 @@ def _resume_point(cfg: Config, run_name: str) -> tuple[Any, Any, CheckpointMeta 
 def _trainer(
     cfg: Config, inputs: Inputs, loop_config: dict[str, Any], run_name: str, start_rows: int, callbacks: list | None
 ) -> Any:
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mae_service.data import ingest_options, train_dataset
-    from mae_service.data.storage import filesystem_for
     from mae_service.train.loop import train_loop_per_worker
 
-    t = cfg.train
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the training loop logs progress
-    datasets = {
-        f"train_{r}": train_dataset(
-            inputs.train,
-            rank=r,
-            world_size=t.num_workers,
-            image_size=cfg.data.image_size,
-            seed=t.seed,
-            batch_size=cfg.micro_batch,
-            epochs=t.epochs,
-            start_sample=start_rows,
-            decode_cpus=cfg.data.decode_cpus,
-        )
-        for r in range(t.num_workers)
-    }
-    storage_fs, storage_root = filesystem_for(t.storage_path, s3_endpoint=cfg.data.s3_endpoint)
-    auth = worker_env()
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    return TorchTrainer(
+    return ray_trainer(
+        cfg,
         train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_root,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": auth} if auth else None,  # type: ignore[call-arg]
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest_options()),
+        loop_config,
+        run_name,
+        inputs.train,
+        image_size=cfg.data.image_size,
+        micro_batch=cfg.micro_batch,
+        epochs=cfg.train.epochs,
+        start_rows=start_rows,
+        callbacks=callbacks,
     )
-
-
-def worker_env() -> dict[str, str]:
-    """MLflow's auth variables (:data:`~mae_service.config.fields.AUTH_ENV`) where set: what the workers need to log
-    to a server that wants credentials. Passed in the workers' runtime env, never in their config."""
-    import os
-
-    from mae_service.config.fields import AUTH_ENV
-
-    return {k: os.environ[k] for k in AUTH_ENV if os.environ.get(k)}
 
 
 def _loop_config(cfg: Config, inputs: Inputs, *, start_rows: int, resume: tuple[Any, Any], run_id: str) -> dict:

@@ -120,13 +120,7 @@ def _build(config: dict[str, Any]) -> Worker:
 
 
 def _restore(w: Worker, config: dict[str, Any]) -> None:
-    """Ray Train's own checkpoint (after a worker failure) or the resubmitted run's latest one, if any."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_from"):
-        ckpt = Checkpoint(config["resume_from"], filesystem=config.get("resume_filesystem"))
+    ckpt = resume_checkpoint(config)
     if ckpt is None:
         return
     with ckpt.as_directory() as d:
@@ -138,21 +132,37 @@ def _restore(w: Worker, config: dict[str, Any]) -> None:
         logger.info("restored step %d from %s", w.step, ckpt.path)
 
 
+def resume_checkpoint(config: dict[str, Any]) -> Any:
+    """The checkpoint a rank starts from: Ray Train's own (after a worker failure), else the resubmitted run's
+    latest one (``config["resume_from"]``), else None."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = Checkpoint(config["resume_from"], filesystem=config.get("resume_filesystem"))
+    return ckpt
+
+
 def _batches(w: Worker, start_rows: int):
-    """This rank's stream of micro-batches, positioned at ``w.step``."""
+    return rank_batches(w.rank, w.step, w.plan, start_rows)
+
+
+def rank_batches(rank: int, step: int, plan: StepPlan, start_rows: int):
+    """Rank ``rank``'s stream of micro-batches (dataset ``train_<rank>``), positioned at optimiser step ``step``."""
     import ray.data
     import ray.train
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs its own progress
-    shard = ray.train.get_dataset_shard(f"train_{w.rank}")
-    batches = iter(shard.iter_torch_batches(batch_size=w.plan.micro_batch, prefetch_batches=2, drop_last=True))
-    skip_rows = w.step * w.plan.rows_per_step - start_rows
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    batches = iter(shard.iter_torch_batches(batch_size=plan.micro_batch, prefetch_batches=2, drop_last=True))
+    skip_rows = step * plan.rows_per_step - start_rows
     if skip_rows < 0:
         raise RuntimeError(
-            f"checkpoint at step {w.step} is older than the data stream start ({start_rows} rows); "
+            f"checkpoint at step {step} is older than the data stream start ({start_rows} rows); "
             "resubmit the run to rebuild its data stream"
         )
-    for _ in range(skip_rows // w.plan.micro_batch):  # only after a worker failure: the stream restarts at job start
+    for _ in range(skip_rows // plan.micro_batch):  # only after a worker failure: the stream restarts at job start
         next(batches)
     return batches
 

@@ -79,6 +79,13 @@ def _local_storage_problem(cfg: Config) -> str | None:
 def _storage_problem(cfg: Config) -> str | None:
     if not cfg.train.storage_path.startswith("s3://"):
         return _local_storage_problem(cfg)
+    return s3_storage_problem(cfg)
+
+
+def s3_storage_problem(cfg: Config) -> str | None:
+    """An ``s3://`` ``train.storage_path`` whose bucket is missing or cannot be asked (None: fine, or not s3)."""
+    if not cfg.train.storage_path.startswith("s3://"):
+        return None
     import pyarrow.fs as pafs
 
     from mae_service.data.storage import filesystem_for
@@ -93,7 +100,9 @@ def _storage_problem(cfg: Config) -> str | None:
     return None
 
 
-def _amp(cfg: Config, problems: list[str]) -> str | None:
+def driver_amp(cfg: Config, problems: list[str]) -> str | None:
+    """What ``train.amp`` resolves to on this process's device (None: decided on the GPU workers); a problem
+    appended to ``problems`` where the device cannot run it."""
     import torch
 
     from mae_service.model.precision import amp_name, resolve_amp
@@ -117,7 +126,7 @@ def plan_steps(cfg: Config, src: Any) -> StepPlan:
 def preflight(cfg: Config) -> Inputs:
     """Check data, held-out data, tracking store and storage before any cluster work; raise all problems at once."""
     problems: list[str] = []
-    amp = _amp(cfg, problems)
+    amp = driver_amp(cfg, problems)
     src = _open(cfg, "data.train_uri", cfg.data.train_uri, problems)
     val = _open(cfg, "data.val_uri", cfg.data.val_uri, problems) if cfg.data.val_uri else None
     for problem in (

@@ -39,9 +39,10 @@ def test_config_moves_credentials_to_mlflows_auth_variables(tmp_path, monkeypatc
     import os
 
     from mae_service.train.checkpoint import CheckpointMeta, save_checkpoint
-    from mae_service.train.driver import config_yaml, worker_env
+    from mae_service.train.driver import config_yaml
     from mae_service.train.schedule import make_optimizer
     from mae_service.train.step import build_model
+    from mae_service.train.trainer import worker_env
 
     cfg = build_config(
         {},
