@@ -11,16 +11,12 @@ from pathlib import Path
 import mlflow
 
 from mae_service.data.synth import synthesize
+from tests.tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
 TINY = [
-    "model.name=mae_vit_tiny_patch16",
-    "data.image_size=32",
-    "model.patch_size=8",
-    "model.decoder_embed_dim=32",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=4",
+    *TINY_MODEL,
     "train.batch_size=16",
     "data.shard_size=16",
     "train.warmup_epochs=1",

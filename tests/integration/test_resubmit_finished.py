@@ -13,7 +13,7 @@ from mae_service.train.driver import open_mlflow_run, pretrain
 from mae_service.train.preflight import preflight
 from mae_service.train.schedule import make_optimizer
 from mae_service.train.step import build_model
-from tests.unit.test_checkpoint_integrity import TINY
+from tests.tiny import TINY_LOCAL as TINY
 
 
 @pytest.fixture

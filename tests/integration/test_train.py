@@ -15,14 +15,10 @@ import pytest
 from mae_service.config import build_config
 from mae_service.data.synth import synthesize
 from mae_service.train.driver import pretrain
+from tests.tiny import TINY_MODEL
 
 TINY = [
-    "model.name=mae_vit_tiny_patch16",
-    "data.image_size=32",
-    "model.patch_size=8",
-    "model.decoder_embed_dim=32",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=4",
+    *TINY_MODEL,
     "train.num_workers=2",
     "train.batch_size=16",
     "data.shard_size=16",

@@ -22,17 +22,9 @@ from mae_service.train.checkpoint import (
 )
 from mae_service.train.schedule import make_optimizer
 from mae_service.train.step import build_model
+from tests.tiny import TINY_LOCAL
 
-TINY = [
-    "model.name=mae_vit_tiny_patch16",
-    "data.image_size=32",
-    "model.patch_size=8",
-    "model.decoder_embed_dim=32",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=4",
-    "train.batch_size=8",
-    "train.num_workers=1",
-]
+TINY = TINY_LOCAL
 
 
 def _write(root, run, step, cfg):

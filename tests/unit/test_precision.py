@@ -9,6 +9,7 @@ import torch
 from mae_service.config import AMP_MODES, ConfigError, build_config
 from mae_service.model import precision
 from mae_service.model.precision import amp_name, autocast, cpu_has_bf16, resolve_amp
+from tests.tiny import TINY_LOCAL
 
 NO_BF16 = {"architecture": "x86_64", "cpu_name": "Old CPU", "avx2": True, "avx512_f": True, "avx512_bf16": False}
 
@@ -94,8 +95,7 @@ def test_autocast_context():
         assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16
 
 
-TINY = ["model.name=mae_vit_tiny_patch16", "data.image_size=32", "model.patch_size=8", "model.decoder_embed_dim=32"]
-TINY += ["model.decoder_depth=1", "model.decoder_num_heads=4", "train.batch_size=8", "train.num_workers=1"]
+TINY = TINY_LOCAL
 
 
 def _cfg(tmp_path, *extra):

@@ -17,17 +17,9 @@ from mae_service.train.checkpoint import (
 )
 from mae_service.train.schedule import lr_at, make_optimizer, param_groups
 from mae_service.train.step import StepPlan, build_model, compile_model, mask_noise, optimizer_step
+from tests.tiny import TINY_LOCAL
 
-TINY = [
-    "model.name=mae_vit_tiny_patch16",
-    "data.image_size=32",
-    "model.patch_size=8",
-    "model.decoder_embed_dim=32",
-    "model.decoder_depth=1",
-    "model.decoder_num_heads=4",
-    "train.batch_size=8",
-    "train.num_workers=1",
-]
+TINY = TINY_LOCAL
 
 
 def test_lr_schedule_warmup_then_cosine():
