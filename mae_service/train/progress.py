@@ -61,8 +61,8 @@ class ProgressBar:
             unit="step",
             file=sys.stderr,
             dynamic_ncols=True,
-            mininterval=0.5 if tty else 1e9,  # off a terminal: only the lines printed below
-            disable=not tty,
+            mininterval=0.5,
+            disable=not tty,  # off a terminal: only the lines printed below
         )
         shown, next_line = self.start, self.start
         while True:
