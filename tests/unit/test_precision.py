@@ -113,7 +113,7 @@ def _cfg(tmp_path, *extra):
 
 def test_driver_refuses_bf16_on_a_cpu_without_it_before_ray_starts(cpu_caps, tmp_path, monkeypatch):
     from mae_service.train import driver
-    from mae_service.train.preflight import _amp
+    from mae_service.train.preflight import driver_amp
 
     def no_ray(*a, **k):
         raise AssertionError("Ray must not start for a run that cannot train")
@@ -125,11 +125,14 @@ def test_driver_refuses_bf16_on_a_cpu_without_it_before_ray_starts(cpu_caps, tmp
     assert any(p.startswith("train.amp='bf16': this CPU (Old CPU) has no native bf16") for p in e.value.problems)
     assert any("no-data" in p for p in e.value.problems)  # named with every other problem, at once
     problems: list[str] = []
-    assert _amp(_cfg(tmp_path), problems) == "fp32" and not problems
+    assert driver_amp(_cfg(tmp_path), problems) == "fp32" and not problems
     cpu_caps({**NO_BF16, "avx512_bf16": True})
-    assert _amp(_cfg(tmp_path), problems) == "bf16" and _amp(_cfg(tmp_path, "train.amp=none"), problems) == "fp32"
+    assert (
+        driver_amp(_cfg(tmp_path), problems) == "bf16"
+        and driver_amp(_cfg(tmp_path, "train.amp=none"), problems) == "fp32"
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without a GPU: the workers decide
-    assert _amp(_cfg(tmp_path, "train.amp=bf16", "train.use_gpu=true"), problems) is None
+    assert driver_amp(_cfg(tmp_path, "train.amp=bf16", "train.use_gpu=true"), problems) is None
     assert not problems
 
 
