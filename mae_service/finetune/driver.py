@@ -18,10 +18,10 @@ from typing import Any
 
 from mae_service.config import Config, ConfigError
 from mae_service.finetune.preflight import FinetuneInputs, preflight
-from mae_service.runtime import init_ray, resource_problems
 from mae_service.tracking.runs import connect, resolve_tracking_uri, sanitize_uri
 from mae_service.train.checkpoint import checkpoint_uri, latest_checkpoint
 from mae_service.train.driver import open_mlflow_run
+from mae_service.train.trainer import ray_trainer, start_ray
 
 __all__ = ["FinetuneResult", "finetune", "protocol"]
 
@@ -92,7 +92,6 @@ def _resume(cfg: Config, run_name: str) -> tuple[Any, Any, Any]:
 
 def _trainer(cfg: Config, inputs: FinetuneInputs, loop_config: dict[str, Any], run_name: str, start_rows: int) -> Any:
     from mae_service.finetune.loop import finetune_loop_per_worker
-    from mae_service.train.trainer import ray_trainer
 
     return ray_trainer(
         cfg,
@@ -143,15 +142,7 @@ def finetune(cfg: Config, *, mlflow_tags: dict[str, str] | None = None) -> Finet
     else:
         import ray
 
-        init_ray(t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus + 1, dashboard=True)
-        problems = resource_problems(
-            num_workers=t.num_workers,
-            cpus_per_worker=t.cpus_per_worker,
-            use_gpu=t.use_gpu,
-            decode_cpus=cfg.data.decode_cpus,
-        )
-        if problems:
-            raise ConfigError(problems)
+        start_ray(cfg)
         state = inputs.encoder_state
         loop_config = {
             "cfg": cfg.to_dict(),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mae_service.config import Config, ConfigError
-from mae_service.runtime import init_ray, output_is_quiet, resource_problems
+from mae_service.runtime import output_is_quiet
 from mae_service.tracking.runs import (
     RUN_NAME_TAG,
     clean_tags,
@@ -30,7 +30,7 @@ from mae_service.tracking.runs import (
 from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint, storage_failure
 from mae_service.train.preflight import Inputs, plan_steps, preflight
 from mae_service.train.progress import ProgressBar
-from mae_service.train.trainer import ray_trainer
+from mae_service.train.trainer import ray_trainer, start_ray
 
 __all__ = ["PretrainResult", "plan_steps", "preflight", "pretrain", "register_from_checkpoint", "register_latest"]
 
@@ -168,15 +168,7 @@ def pretrain(
             run_name, run_id, tracking_uri, checkpoint_uri(t.storage_path, resume_from), start_step, meta.loss
         )
         return _finish_trained(cfg, done, resume_from, resume_fs, register)
-    init_ray(t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus + 1, dashboard=True)
-    problems = resource_problems(
-        num_workers=t.num_workers,
-        cpus_per_worker=t.cpus_per_worker,
-        use_gpu=t.use_gpu,
-        decode_cpus=cfg.data.decode_cpus,
-    )
-    if problems:
-        raise ConfigError(problems)
+    start_ray(cfg)
     start_rows = start_step * plan.rows_per_step
     loop_config = _loop_config(cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id)
     logger.info(

@@ -5,7 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from mae_service.config import Config
+from mae_service.config import Config, ConfigError
+from mae_service.runtime import init_ray, resource_problems
+
+
+def start_ray(cfg: Config) -> None:
+    """Start (or join) Ray with room for the run's workers and its decoding; ConfigError when the cluster can never
+    schedule them (instead of waiting forever)."""
+    t = cfg.train
+    init_ray(t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus + 1, dashboard=True)
+    problems = resource_problems(
+        num_workers=t.num_workers,
+        cpus_per_worker=t.cpus_per_worker,
+        use_gpu=t.use_gpu,
+        decode_cpus=cfg.data.decode_cpus,
+    )
+    if problems:
+        raise ConfigError(problems)
 
 
 def ray_trainer(

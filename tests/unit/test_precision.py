@@ -112,13 +112,13 @@ def _cfg(tmp_path, *extra):
 
 
 def test_driver_refuses_bf16_on_a_cpu_without_it_before_ray_starts(cpu_caps, tmp_path, monkeypatch):
-    from mae_service.train import driver
+    from mae_service.train import driver, trainer
     from mae_service.train.preflight import driver_amp
 
     def no_ray(*a, **k):
         raise AssertionError("Ray must not start for a run that cannot train")
 
-    monkeypatch.setattr(driver, "init_ray", no_ray)
+    monkeypatch.setattr(trainer, "init_ray", no_ray)  # where the driver starts Ray (trainer.start_ray)
     cpu_caps(NO_BF16)
     with pytest.raises(ConfigError) as e:
         driver.pretrain(_cfg(tmp_path, "train.amp=bf16"))
