@@ -76,6 +76,8 @@ def _quiet_ray_data() -> None:
             setattr(ctx, attr, False)
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # its only lines are "Progress bars disabled. To enable, set …": what quiet output asked for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def cluster_cpus_gpus() -> tuple[float, float]:

@@ -40,7 +40,7 @@ def test_synth_is_deterministic_and_class_is_not_colour(tmp_path):
     a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
     assert a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.*"))
     assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in a)
-    # Same class, different seeds: colours differ a lot (the class is the shape, not the palette).
+    # Same class, different seeds: brightness differs a lot (the class is the shape, not the grey level).
     means = [np.asarray(draw_image("circle", 32, np.random.default_rng(s)), np.float32).mean((0, 1)) for s in range(8)]
     assert np.std(means, axis=0).mean() > 15
 
