@@ -248,8 +248,5 @@ def splits_features(
         batch_format="numpy",
         num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
-        # The weights are object-store arguments, so a restarted actor could not be rebuilt once they are
-        # released (Ray warns of exactly that for max_restarts > 0): a lost embedder fails the evaluation.
-        max_restarts=0,
     )
     return _collect(out, len(datasets), len(encoders))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mae_service.config import Config
+from mae_service.config import Config, FinetuneConfig
 from mae_service.finetune.driver import finetune, protocol
 from mae_service.finetune.preflight import preflight
 from mae_service.tracking.runs import connect, ensure_experiment, resolve_tracking_uri
@@ -139,6 +139,24 @@ def _knn_row(cfg: Config, model_uri: str) -> ReportRow:
     )
 
 
+def row_configs(
+    base: FinetuneConfig, depth: int, partial_blocks: tuple[int, ...], stamp: str
+) -> list[tuple[str, FinetuneConfig]]:
+    """``(protocol, finetune section)`` of each fine-tune row, in table order: linear probe, the partial fine-tunes
+    that fit an encoder of ``depth`` blocks, full fine-tune, scratch baseline. Each row's classifier is registered
+    under an alias of its own (``report-<protocol>``), so a report never moves ``finetune.alias`` (``@current``)
+    to, say, its scratch baseline."""
+    plan = [(0, False), *((k, False) for k in partial_blocks if 1 <= k <= depth), (None, False), (None, True)]
+    rows = []
+    for blocks, scratch in plan:
+        proto = protocol(blocks, scratch)
+        ft = dataclasses.replace(
+            base, blocks=blocks, from_scratch=scratch, run_name=f"report-{stamp}-{proto}", alias=f"report-{proto}"
+        )
+        rows.append((proto, ft))
+    return rows
+
+
 def report(
     cfg: Config,
     *,
@@ -167,16 +185,12 @@ def report(
     ).info.run_id  # fmt: skip
     try:
         rows = [_knn_row(cfg, pinned)]
-        plan = [(0, False), *((k, False) for k in partial_blocks if 1 <= k <= depth), (None, False), (None, True)]
         skipped = [k for k in partial_blocks if not 1 <= k <= depth]
         if skipped:
             logger.warning("report: partial blocks %s left out (the encoder has %d blocks)", skipped, depth)
         trains = {"linear": "head (BatchNorm + linear)", "finetune": "all blocks", "scratch": "all, random init"}
-        for blocks, scratch in plan:
-            proto = protocol(blocks, scratch)
-            ft = dataclasses.replace(
-                cfg.finetune, blocks=blocks, from_scratch=scratch, run_name=f"report-{stamp}-{proto}"
-            )
+        for proto, ft in row_configs(cfg.finetune, depth, partial_blocks, stamp):
+            blocks = ft.blocks
             res = finetune(dataclasses.replace(cfg, finetune=ft), mlflow_tags={"mlflow.parentRunId": parent})
             label = trains.get(proto, f"last {blocks} block{'s' if blocks != 1 else ''} + norm + head")
             rows.append(ReportRow(proto, label, res.top1, res.top5, None, res.seconds, res.mlflow_run_id))

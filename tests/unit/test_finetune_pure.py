@@ -79,3 +79,21 @@ def test_finetune_config_cross_checks():
     build_config({}, ["finetune.batch_size=6", "train.num_workers=2", "finetune.mixup=0", "finetune.cutmix=0"])
     with pytest.raises(ConfigError, match="finetune.layer_decay=1.5: must be in"):
         build_config({}, ["finetune.layer_decay=1.5"])
+
+
+def test_report_rows_are_in_table_order_and_never_take_the_users_alias():
+    from mae_service.finetune.table import row_configs
+
+    base = build_config({"finetune": {"alias": "current", "epochs": 3}}).finetune
+    rows = row_configs(base, depth=4, partial_blocks=(1, 2, 9), stamp="S")
+    assert [p for p, _ in rows] == ["linear", "partial1", "partial2", "finetune", "scratch"]  # 9 > depth: left out
+    assert [(ft.blocks, ft.from_scratch) for _, ft in rows] == [
+        (0, False),
+        (1, False),
+        (2, False),
+        (None, False),
+        (None, True),
+    ]
+    aliases = [ft.alias for _, ft in rows]
+    assert "current" not in aliases and len(set(aliases)) == len(rows)
+    assert all(ft.epochs == 3 and ft.run_name == f"report-S-{p}" for p, ft in rows)
