@@ -163,10 +163,12 @@ def report(
     epochs: int | None = None,
     partial_blocks: tuple[int, ...] = (1, 2),
     out_dir: str | None = None,
+    short: bool = False,
 ) -> ReportResult:
     """Run every protocol on ``cfg.finetune.model_uri`` with the same budget (``epochs``, default
     ``finetune.epochs``) and tabulate their held-out top-1. Checks everything (as ``eval finetune`` does) before
-    any Ray work; partial rows deeper than the encoder are left out."""
+    any Ray work; partial rows deeper than the encoder are left out. ``short``: only the full fine-tune and the
+    scratch baseline (what ``mae-service demo`` ends with)."""
     base_ft = dataclasses.replace(
         cfg.finetune, blocks=None, from_scratch=False, epochs=epochs or cfg.finetune.epochs, run_name=None
     )
@@ -184,12 +186,14 @@ def report(
         tags={"mae_service.kind": "report", "mae_service.source_model_uri": pinned},
     ).info.run_id  # fmt: skip
     try:
-        rows = [_knn_row(cfg, pinned)]
+        rows = [] if short else [_knn_row(cfg, pinned)]
         skipped = [k for k in partial_blocks if not 1 <= k <= depth]
-        if skipped:
+        if skipped and not short:
             logger.warning("report: partial blocks %s left out (the encoder has %d blocks)", skipped, depth)
         trains = {"linear": "head (BatchNorm + linear)", "finetune": "all blocks", "scratch": "all, random init"}
         for proto, ft in row_configs(cfg.finetune, depth, partial_blocks, stamp):
+            if short and proto not in ("finetune", "scratch"):
+                continue
             blocks = ft.blocks
             res = finetune(dataclasses.replace(cfg, finetune=ft), mlflow_tags={"mlflow.parentRunId": parent})
             label = trains.get(proto, f"last {blocks} block{'s' if blocks != 1 else ''} + norm + head")
