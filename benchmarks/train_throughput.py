@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--model", default="mae_vit_small_patch16")
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30, help="model-only steps to time")
+    ap.add_argument("--amp", default="auto", help="train.amp for both: auto (bf16 where the CPU has it), bf16, none")
     args = ap.parse_args()
 
     import mlflow
@@ -73,6 +74,7 @@ def main() -> None:
         "train.checkpoint_every_steps=100000",
         "train.picture_every_steps=100000",
         "mlflow.log_system_metrics=false",
+        f"train.amp={args.amp}",
     ]
     cfg = build_config({}, overrides)
 
@@ -110,9 +112,12 @@ def main() -> None:
     trainer = statistics.median(steady)
     after = model_only()
     best = max(before, after)
+    from mae_service.model.precision import amp_name, resolve_amp
+
+    precision = amp_name(resolve_amp(cfg.train.amp, torch.device("cpu")))
     print(
         f"config: {args.model} patch {args.patch} img {args.image_size} batch {args.batch}, {threads} thread(s), "
-        f"{len(ips)} trainer steps"
+        f"{precision} (train.amp={args.amp}), {len(ips)} trainer steps"
     )
     print(f"model-only step:            {best:8.1f} img/s   (before {before:.1f}, after {after:.1f}: the better one)")
     print(
