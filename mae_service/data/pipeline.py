@@ -95,10 +95,15 @@ def plan_rank(
 # ---- reading (workers) --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
-    """What a decode task needs; shipped to the workers once with the map function."""
+    """What a decode task needs; shipped to the workers once with the map function.
+
+    ``src`` holds only the shards the units read (so a rank's job is ~1/world of the listing for one epoch):
+    ``units[:, 1]`` indexes ``src.shards``, and ``shard_ids`` maps that back to the shard's index in the listing,
+    which seeds its item order."""
 
     src: Source
     units: np.ndarray
+    shard_ids: np.ndarray
     seed: int
     image_size: int
     train: bool
@@ -116,8 +121,8 @@ def _decode(job: _Job, data: bytes, epoch: int, item_id: int) -> np.ndarray:
 
 
 def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str, np.ndarray]]:
-    epoch, si, a, b = (int(v) for v in job.units[uid])
-    shard = job.src.shards[si]
+    epoch, local, a, b = (int(v) for v in job.units[uid])
+    shard, si = job.src.shards[local], int(job.shard_ids[local])
     order = item_order(job.seed, epoch, si, shard.count) if job.train else np.arange(shard.count)
     positions = order[a:b]
     reader = formats.get(job.src.fmt).reader(job.src, fs, shard)
@@ -178,11 +183,16 @@ def _run_units(batch: dict[str, np.ndarray], job: _Job) -> Iterator[dict[str, np
 
 # ---- datasets -----------------------------------------------------------------------------------------------
 def _job(src: Source, units: np.ndarray, *, seed: int, image_size: int, train: bool) -> _Job:
+    """The job of ``units``, carrying only the shards they read."""
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: must be ≥ 1")
+    shard_ids, local = np.unique(units[:, 1], return_inverse=True)
+    units = units.copy()
+    units[:, 1] = local.reshape(-1)
     return _Job(
-        src=dataclasses.replace(src, shards=list(src.shards)),
+        src=dataclasses.replace(src, shards=[src.shards[int(i)] for i in shard_ids]),
         units=units,
+        shard_ids=shard_ids,
         seed=int(seed),
         image_size=int(image_size),
         train=train,
@@ -249,6 +259,31 @@ def train_dataset(
     Deterministic in ``seed``: same rows, same order, same crops, whichever workers decode them. Rows
     ``0..start_sample-1`` of the stream are skipped without being read.
     """
+    job = train_job(
+        src,
+        rank=rank,
+        world_size=world_size,
+        image_size=image_size,
+        seed=seed,
+        batch_size=batch_size,
+        epochs=epochs,
+        start_sample=start_sample,
+    )
+    return _dataset(job, decode_cpus)
+
+
+def train_job(
+    src: Source,
+    *,
+    rank: int,
+    world_size: int,
+    image_size: int,
+    seed: int,
+    batch_size: int,
+    epochs: int,
+    start_sample: int = 0,
+) -> _Job:
+    """What :func:`train_dataset` ships to its decode tasks (no Ray): the rank's units and the shards they read."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
     if epochs < 1:
@@ -258,7 +293,17 @@ def train_dataset(
     units = plan_rank(
         counts, seed=seed, rank=rank, world_size=world_size, per_rank=per_rank, epochs=epochs, start_sample=start_sample
     )
-    return _dataset(_job(src, units, seed=seed, image_size=image_size, train=True), decode_cpus)
+    return _job(src, units, seed=seed, image_size=image_size, train=True)
+
+
+def job_keys(job: _Job) -> list[str]:
+    """The names of the items a job reads, in its order (for tests and benchmarks; no reads)."""
+    out: list[str] = []
+    for epoch, local, a, b in job.units:
+        shard, si = job.src.shards[int(local)], int(job.shard_ids[int(local)])
+        order = item_order(job.seed, int(epoch), si, shard.count) if job.train else np.arange(shard.count)
+        out.extend(shard.name(int(p)) for p in order[a:b])
+    return out
 
 
 def eval_dataset(src: Source, *, image_size: int, decode_cpus: float = 1.0):

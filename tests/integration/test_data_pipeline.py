@@ -71,7 +71,7 @@ def test_three_formats_read_the_same_labelled_images_from_s3(ray_data, data):
         assert np.bincount(cols["label"]).tolist() == [4] * 12
         if fmt == "files":  # labels are the class folders, in listing order
             assert cols["label"].tolist() == [lab for s in src.shards for lab in s.labels]
-            names = [s.keys[i].split("/")[-2] for s in src.shards for i in range(s.count)]
+            names = [s.key(i).split("/")[-2] for s in src.shards for i in range(s.count)]
             assert [src.class_names[lab] for lab in cols["label"]] == names
         seen[fmt] = fingerprints(cols)
     assert seen["files"] == seen["wds"] == seen["parquet"]
@@ -205,11 +205,11 @@ def test_loose_objects_deleted_after_listing(s3_server, s3_bucket, tmp_path):
     _upload(s3_server, tmp_path / "img", s3_bucket, "img")
     src = open_source(f"s3://{s3_bucket}/img", "files")
     c = s3_server.client()
-    c.delete_object(Bucket=s3_bucket, Key=src.shards[0].keys[0].split("/", 1)[1])
+    c.delete_object(Bucket=s3_bucket, Key=src.shards[0].key(0).split("/", 1)[1])
     cols = run(src, train=True)
     assert len(cols["image"]) == 6 and (cols["n_bad"] > 0).sum() == 1
-    for key in src.shards[0].keys:
-        c.delete_object(Bucket=s3_bucket, Key=key.split("/", 1)[1])
+    for i in range(src.shards[0].count):
+        c.delete_object(Bucket=s3_bucket, Key=src.shards[0].key(i).split("/", 1)[1])
     c.delete_bucket(Bucket=s3_bucket)
     with pytest.raises(ValueError, match="does not exist") as e:
         run(src, train=True)
