@@ -133,3 +133,20 @@ def test_unknown_decode_device_names_the_value():
     src = Source("mem://", "wds", [Shard("s", 10)])
     with pytest.raises(ValueError, match="decode_device='gpu'.*cpu, cuda"):
         P.train_job(src, rank=0, world_size=1, image_size=8, seed=0, batch_size=1, epochs=1, decode_device="gpu")
+
+
+def test_gpu_scripts_refuse_to_run_without_cuda_outside_smoke():
+    """benchmarks/gpu_step.py and gpu_trainer.py exit 2 with a clear line when torch sees no GPU (they only run
+    for real on a CUDA machine; ``--smoke`` checks them anywhere)."""
+    import importlib.util
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal path does not apply")
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    for name in ("gpu_step", "gpu_trainer"):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", root / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.main([]) == 2, name
