@@ -97,6 +97,23 @@ def test_same_seed_same_batches_and_resume_is_the_tail(ray_data, data, fmt, pref
         assert np.array_equal(r[k], a[k][30:]), k
 
 
+def test_fetch_only_stream_through_ray_data_decodes_on_the_worker(ray_data, data):
+    """``decode_device="cuda"``: the encoded bytes survive Ray Data's blocks, and decoding them where the training
+    worker would (here with ``device="cpu"``) gives the CPU stream's rows, labels and crops."""
+    from mae_service.train.device_decode import decoded_batches
+
+    src = open_source(f"{data}/files", "files", shard_size=16)
+    kw = dict(rank=0, world_size=1, image_size=16, seed=3, batch_size=8, epochs=1)
+    cpu = collect(train_dataset(src, **kw))
+    raw_ds = train_dataset(src, decode_device="cuda", **kw)
+    out = list(decoded_batches(raw_ds.iter_batches(batch_size=8, batch_format="numpy"), seed=3, size=16, device="cpu"))
+    images = np.concatenate([b["image"].numpy() for b in out])
+    assert images.shape == cpu["image"].shape == (N, 3, 16, 16)
+    assert np.concatenate([b["label"].numpy() for b in out]).tolist() == cpu["label"].tolist()
+    assert sum(int(b["n_bad"].sum()) for b in out) == 0
+    assert np.abs(images.astype(np.int16) - cpu["image"].astype(np.int16)).mean() <= 8
+
+
 def test_two_ranks_get_equal_counts(ray_data, data):
     src = open_source(f"{data}/wds", "wds")
     per = samples_per_rank(src, 2, 8)

@@ -5,6 +5,12 @@ A first folder level gives labels (sorted folder names → 0, 1, ...); images di
 pseudo-random interleave of the sorted listing, so every shard mixes classes even though the listing is sorted by
 folder. Item ids are indices in the sorted listing.
 
+Listing: the first folder level is listed in parallel, one class folder per thread (on S3, one paginated LIST per
+class prefix instead of one sequential LIST of everything), and kept in compact arrays (Arrow strings, numpy), as
+are the shards' keys (:class:`~mae_service.data.source.FileItems`). A root holding ``_mae_manifest.parquet``
+(``mae-service data index URI``) is not listed: the manifest gives the keys, labels and sizes, after a check of a
+sample of its keys against storage.
+
 In a decode task a shard's objects are fetched concurrently on a thread pool (on S3 one GET per object, see
 :class:`_S3Objects`) and handed out in the order asked. Written as ``<class>/<key>.<ext>`` (``<key>.<ext>`` for
 label -1).
