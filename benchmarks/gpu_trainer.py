@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -123,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # every core for Ray (mae_service's own init_ray asks for the run's minimum, 4 here); loopback only
     ray.init(num_cpus=max(4, os.cpu_count() or 4), _node_ip_address="127.0.0.1", include_dashboard=False)
-    for d in devices:
-        try:
-            out["runs"].append(run(tmp, tmp / "data", d, args, args.smoke))
-        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the other's figures
-            out["runs"].append({"decode_device": d, "error": f"{type(e).__name__}: {str(e)[:500]}"})
-        print(json.dumps(out["runs"][-1]), flush=True)
-    ray.shutdown()
+    try:
+        for d in devices:
+            try:
+                out["runs"].append(run(tmp, tmp / "data", d, args, args.smoke))
+            except Exception as e:  # noqa: BLE001 - one failing variant must not lose the other's figures
+                out["runs"].append({"decode_device": d, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            print(json.dumps(out["runs"][-1]), flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
