@@ -15,7 +15,8 @@ import sys
 from mae_service.runtime import quiet_output
 
 COMMAND_MODULES = (
-    "mae_service.train.commands",  # pretrain, demo
+    "mae_service.train.commands",  # pretrain
+    "mae_service.finetune.demo",  # demo
     "mae_service.tune.commands",  # sweep
     "mae_service.data.commands",  # data synth | pack
     "mae_service.tracking.commands",  # models …, eval knn, reconstruct

@@ -362,6 +362,11 @@ def _cross_checks(cfg: Config) -> list[str]:
                 f"finetune.batch_size={ft.batch_size} gives {per_worker} images per worker: mixup/cutmix pair images "
                 "within a batch, so it must be even (or set finetune.mixup=0 finetune.cutmix=0)"
             )
+    if d.decode_device == "cuda" and not t.use_gpu:
+        p.append(
+            f"data.decode_device={d.decode_device!r} needs train.use_gpu=true (JPEGs are decoded on each worker's "
+            "GPU); without GPUs use data.decode_device=cpu"
+        )
     if t.amp == "fp16" and not t.use_gpu:  # bf16 may run on CPUs that have it: checked at run time
         p.append("train.amp='fp16' needs train.use_gpu=true (fp16 autocast is GPU-only; on CPU use auto, bf16 or none)")
     return p

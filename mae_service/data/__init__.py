@@ -4,7 +4,8 @@ Owns: reaching storage (local paths and ``s3://``, :mod:`~mae_service.data.stora
 each under :mod:`~mae_service.data.formats`, whose ``__init__`` is the one registry of them), listing a dataset into
 shards (:mod:`~mae_service.data.source`), the per-rank read plan and the Ray Data datasets
 (:mod:`~mae_service.data.pipeline`), image decoding and crops (:mod:`~mae_service.data.decode`), synthetic images
-(:mod:`~mae_service.data.synth`), ``files`` → shards conversion (:mod:`~mae_service.data.pack`) and the
+(:mod:`~mae_service.data.synth`), ``files`` → shards conversion (:mod:`~mae_service.data.pack`), the ``files`` manifest
+(``_mae_manifest.parquet``, :func:`mae_service.data.formats.files.write_manifest`) and the
 ``mae-service data`` subcommands (:mod:`~mae_service.data.commands`).
 
 May import: the standard library, numpy, pyarrow, PIL, boto3/botocore, tqdm (progress bars) and ``ray.data`` (in

@@ -1,4 +1,4 @@
-"""``mae-service data synth | pack``: registered on the ``mae-service`` parser by :mod:`mae_service.cli`."""
+"""``mae-service data synth | pack | index``: registered on the ``mae-service`` parser by :mod:`mae_service.cli`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mae_service.data import formats
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to ``sub``."""
     data = sub.add_parser("data", help="make or convert image datasets")
-    dsub = data.add_subparsers(dest="data_command", metavar="{synth,pack}", required=True)
+    dsub = data.add_subparsers(dest="data_command", metavar="{synth,pack,index}", required=True)
 
     s = dsub.add_parser(
         "synth",
@@ -48,6 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     p.set_defaults(func=_pack)
 
+    i = dsub.add_parser(
+        "index",
+        help="write a manifest of a folder of loose images (format files), so it opens without listing",
+        description="List the images under URI once and write URI/_mae_manifest.parquet (keys, labels, sizes). "
+        "Training and evaluation then read the manifest instead of listing the objects; run it again after "
+        "adding or removing images (a manifest naming missing objects is refused).",
+    )
+    i.add_argument("uri", metavar="URI", help="folder or s3://bucket/prefix of images (class folders give labels)")
+    i.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    i.set_defaults(func=_index)
+
 
 def _synth(args: argparse.Namespace) -> int:
     from mae_service.data.synth import synthesize
@@ -81,4 +92,15 @@ def _pack(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(f"packed {n} images into {args.format} shards under {args.out}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    import time
+
+    from mae_service.data.formats.files import write_manifest
+
+    t0 = time.perf_counter()
+    n, where = write_manifest(args.uri, s3_endpoint=args.s3_endpoint)
+    print(f"indexed {n} images of {args.uri} into {where} in {time.perf_counter() - t0:.1f} s")
     return 0

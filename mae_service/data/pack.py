@@ -41,7 +41,7 @@ def pack(
         raise ValueError(f"--shard-size={shard_size}: must be ≥ 1")
     src = open_source(src_uri, formats.FOLDER, shard_size=shard_size, s3_endpoint=s3_endpoint)
     fs, _ = src.filesystem()
-    entries = [(key, label) for shard in src.shards for key, label in zip(shard.keys, shard.labels, strict=True)]
+    entries = [(shard.key(i), shard.label(i)) for shard in src.shards for i in range(shard.count)]
     entries.sort()
     order = np.random.default_rng(seed).permutation(len(entries))
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from mae_service.data import formats
-from mae_service.data.decode import BadImageError, center_crop, item_rng, random_resized_crop
+from mae_service.data.decode import BadImageError, center_crop, item_rng, open_image, random_resized_crop
 from mae_service.data.source import Source, samples_per_rank
 from mae_service.data.storage import filesystem_for
 
@@ -43,6 +43,8 @@ MIN_TASK_ROWS = 512
 """Consecutive units are grouped so a Ray Data task decodes at least this many rows: dispatching a task costs
 ~0.1-0.2 s of scheduling latency on a busy node, which short tasks cannot amortise."""
 _SHARD_SALT, _ITEM_SALT = 0x5348, 0x4954
+DECODE_DEVICES = ("cpu", "cuda")
+"""``cpu``: the Ray Data tasks decode and crop; ``cuda``: they fetch bytes, the training workers decode them."""
 
 
 # ---- planning (driver) --------------------------------------------------------------------------------------
@@ -95,13 +97,21 @@ def plan_rank(
 # ---- reading (workers) --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
-    """What a decode task needs; shipped to the workers once with the map function."""
+    """What a decode task needs; shipped to the workers once with the map function.
+
+    ``src`` holds only the shards the units read (so a rank's job is ~1/world of the listing for one epoch):
+    ``units[:, 1]`` indexes ``src.shards``, and ``shard_ids`` maps that back to the shard's index in the listing,
+    which seeds its item order."""
 
     src: Source
     units: np.ndarray
+    shard_ids: np.ndarray
     seed: int
     image_size: int
     train: bool
+    raw: bool = False
+    """Yield the encoded bytes (column ``data``, with ``item_id`` for the crop's RNG) instead of decoded crops: the
+    training workers decode them on their GPUs (``data.decode_device=cuda``). Headers are still checked here."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,24 +119,29 @@ def _filesystem(uri: str, s3_endpoint: str | None) -> pafs.FileSystem:
     return filesystem_for(uri, s3_endpoint)[0]
 
 
-def _decode(job: _Job, data: bytes, epoch: int, item_id: int) -> np.ndarray:
+def _decode(job: _Job, data: bytes, epoch: int, item_id: int) -> np.ndarray | bytes:
+    if job.raw:
+        open_image(data)  # header only: empty, unknown and oversized objects are replaced here, as when decoding
+        return data
     if job.train:
         return random_resized_crop(data, job.image_size, item_rng(job.seed, epoch, item_id))
     return center_crop(data, job.image_size)
 
 
 def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str, np.ndarray]]:
-    epoch, si, a, b = (int(v) for v in job.units[uid])
-    shard = job.src.shards[si]
+    epoch, local, a, b = (int(v) for v in job.units[uid])
+    shard, si = job.src.shards[local], int(job.shard_ids[local])
     order = item_order(job.seed, epoch, si, shard.count) if job.train else np.arange(shard.count)
     positions = order[a:b]
     reader = formats.get(job.src.fmt).reader(job.src, fs, shard)
     n, size = len(positions), job.image_size
     bad: set[int] = set()
     rows = 0
-    images = np.empty((min(n, CHUNK_ROWS), 3, size, size), np.uint8)
-    labels = np.empty(len(images), np.int64)
-    n_bad = np.zeros(len(images), np.int64)
+    chunk = min(n, CHUNK_ROWS)
+    images = np.empty(chunk, object) if job.raw else np.empty((chunk, 3, size, size), np.uint8)
+    labels = np.empty(chunk, np.int64)
+    n_bad = np.zeros(chunk, np.int64)
+    ids = np.empty(chunk, np.int64)
     for k, fut in enumerate(reader.iter(positions)):
         pos = int(positions[k])
         item_id = shard.item_id(pos)
@@ -158,11 +173,13 @@ def _process_unit(job: _Job, fs: pafs.FileSystem, uid: int) -> Iterator[dict[str
                 except BadImageError as read_error:
                     fut.set_exception(read_error)
         j = rows % len(images)
-        images[j], labels[j], n_bad[j] = img, label, replaced
+        images[j], labels[j], n_bad[j], ids[j] = img, label, replaced, item_id
         rows += 1
         if j == len(images) - 1 or rows == n:
             m = j + 1
-            out: dict[str, np.ndarray] = {"image": images[:m].copy(), "label": labels[:m].copy()}
+            out: dict[str, np.ndarray] = {"data" if job.raw else "image": images[:m].copy(), "label": labels[:m].copy()}
+            if job.raw:
+                out["item_id"] = ids[:m].copy()
             if job.train:
                 out["epoch"] = np.full(m, epoch, np.int64)
                 out["n_bad"] = n_bad[:m].copy()
@@ -177,15 +194,21 @@ def _run_units(batch: dict[str, np.ndarray], job: _Job) -> Iterator[dict[str, np
 
 
 # ---- datasets -----------------------------------------------------------------------------------------------
-def _job(src: Source, units: np.ndarray, *, seed: int, image_size: int, train: bool) -> _Job:
+def _job(src: Source, units: np.ndarray, *, seed: int, image_size: int, train: bool, raw: bool = False) -> _Job:
+    """The job of ``units``, carrying only the shards they read."""
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: must be ≥ 1")
+    shard_ids, local = np.unique(units[:, 1], return_inverse=True)
+    units = units.copy()
+    units[:, 1] = local.reshape(-1)
     return _Job(
-        src=dataclasses.replace(src, shards=list(src.shards)),
+        src=dataclasses.replace(src, shards=[src.shards[int(i)] for i in shard_ids]),
         units=units,
+        shard_ids=shard_ids,
         seed=int(seed),
         image_size=int(image_size),
         train=train,
+        raw=raw,
     )
 
 
@@ -194,6 +217,8 @@ def _empty(job: _Job):
 
     s = job.image_size
     cols = {"image": np.zeros((0, 3, s, s), np.uint8), "label": np.zeros(0, np.int64)}
+    if job.raw:
+        cols = {"data": np.empty(0, object), "label": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64)}
     if job.train:
         cols.update(epoch=np.zeros(0, np.int64), n_bad=np.zeros(0, np.int64))
     return ray.data.range(1).map_batches(lambda _: cols, batch_format="numpy")
@@ -242,23 +267,66 @@ def train_dataset(
     epochs: int,
     start_sample: int = 0,
     decode_cpus: float = 1.0,
+    decode_device: str = "cpu",
 ):
     """This rank's training stream over all ``epochs``: columns ``image`` (uint8 ``[3, S, S]``), ``label``,
     ``epoch``, ``n_bad`` (int64); exactly ``samples_per_rank(src, world_size, batch_size)`` rows per epoch.
 
     Deterministic in ``seed``: same rows, same order, same crops, whichever workers decode them. Rows
     ``0..start_sample-1`` of the stream are skipped without being read.
+
+    ``decode_device="cuda"``: the tasks only fetch (and check the headers of) the objects; columns ``data``
+    (encoded bytes), ``item_id``, ``label``, ``epoch``, ``n_bad``, for ``mae_service.train.device_decode``.
     """
+    job = train_job(
+        src,
+        rank=rank,
+        world_size=world_size,
+        image_size=image_size,
+        seed=seed,
+        batch_size=batch_size,
+        epochs=epochs,
+        start_sample=start_sample,
+        decode_device=decode_device,
+    )
+    return _dataset(job, decode_cpus)
+
+
+def train_job(
+    src: Source,
+    *,
+    rank: int,
+    world_size: int,
+    image_size: int,
+    seed: int,
+    batch_size: int,
+    epochs: int,
+    start_sample: int = 0,
+    decode_device: str = "cpu",
+) -> _Job:
+    """What :func:`train_dataset` ships to its decode tasks (no Ray): the rank's units and the shards they read."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
     if epochs < 1:
         raise ValueError(f"epochs={epochs}: must be ≥ 1")
+    if decode_device not in DECODE_DEVICES:
+        raise ValueError(f"decode_device={decode_device!r}: allowed {', '.join(DECODE_DEVICES)}")
     per_rank = samples_per_rank(src, world_size, batch_size)
     counts = np.array([s.count for s in src.shards], np.int64)
     units = plan_rank(
         counts, seed=seed, rank=rank, world_size=world_size, per_rank=per_rank, epochs=epochs, start_sample=start_sample
     )
-    return _dataset(_job(src, units, seed=seed, image_size=image_size, train=True), decode_cpus)
+    return _job(src, units, seed=seed, image_size=image_size, train=True, raw=decode_device != "cpu")
+
+
+def job_keys(job: _Job) -> list[str]:
+    """The names of the items a job reads, in its order (for tests and benchmarks; no reads)."""
+    out: list[str] = []
+    for epoch, local, a, b in job.units:
+        shard, si = job.src.shards[int(local)], int(job.shard_ids[int(local)])
+        order = item_order(job.seed, int(epoch), si, shard.count) if job.train else np.arange(shard.count)
+        out.extend(shard.name(int(p)) for p in order[a:b])
+    return out
 
 
 def eval_dataset(src: Source, *, image_size: int, decode_cpus: float = 1.0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from mae_service.data import formats
@@ -19,29 +20,67 @@ from mae_service.data.storage import filesystem_for
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, eq=False)
+class FileItems:
+    """The loose files of one shard in compact arrays (a few bytes per item beyond the key's own bytes, and
+    pickled as a handful of buffers, not one Python object per key): what a decode task needs to fetch them."""
+
+    prefix: str
+    """Joined in front of every key (the dataset's root and ``/``): stored once, not once per key."""
+    blob: bytes
+    """The keys (relative to ``prefix``), UTF-8, one after the other."""
+    offsets: np.ndarray
+    """int32 ``[n + 1]``: key ``i`` is ``blob[offsets[i]:offsets[i + 1]]``."""
+    labels: np.ndarray
+    """int32 ``[n]``."""
+    ids: np.ndarray
+    """int64 ``[n]``: global item ids (indices in the sorted listing)."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key(self, i: int) -> str:
+        return self.prefix + self.blob[self.offsets[i] : self.offsets[i + 1]].decode()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob) + self.offsets.nbytes + self.labels.nbytes + self.ids.nbytes
+
+
 @dataclass(frozen=True)
 class Shard:
-    """One read unit. ``count`` items; item ``i`` has global id ``ids[i]`` (files) or ``first_id + i``."""
+    """One read unit. ``count`` items; item ``i`` has global id ``files.ids[i]`` (files) or ``first_id + i``."""
 
     path: str
     """The tar or Parquet file (path inside the filesystem); empty for ``files``."""
     count: int
     first_id: int = 0
-    keys: tuple[str, ...] = ()
-    """``files``: the images' paths inside the filesystem."""
-    labels: tuple[int, ...] = ()
-    """``files``: their labels."""
-    ids: tuple[int, ...] = ()
-    """``files``: their global ids."""
     row_group: int = -1
     """``parquet``: the row group."""
+    files: FileItems | None = None
+    """``files``: the images' keys, labels and ids."""
 
     def item_id(self, i: int) -> int:
-        return self.ids[i] if self.ids else self.first_id + i
+        return int(self.files.ids[i]) if self.files is not None else self.first_id + i
+
+    def key(self, i: int) -> str:
+        """``files``: item ``i``'s path inside the filesystem."""
+        assert self.files is not None, "only loose files have keys"
+        return self.files.key(i)
+
+    def label(self, i: int) -> int:
+        """``files``: item ``i``'s label (-1: none)."""
+        assert self.files is not None, "only loose files have labels in the listing"
+        return int(self.files.labels[i])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``files``: the items' labels (int32); empty for the other formats (their labels are in the shard)."""
+        return self.files.labels if self.files is not None else np.zeros(0, np.int32)
 
     def name(self, i: int | None = None) -> str:
-        if self.keys:
-            return self.keys[i] if i is not None else f"{self.keys[0]} (+{self.count - 1} more)"
+        if self.files is not None:
+            return self.key(i) if i is not None else f"{self.key(0)} (+{self.count - 1} more)"
         where = f"{self.path}#rg{self.row_group}" if self.row_group >= 0 else self.path
         return f"{where}[{i}]" if i is not None else where
 
@@ -62,6 +101,11 @@ class Source:
     @property
     def num_images(self) -> int:
         return sum(s.count for s in self.shards)
+
+    @property
+    def listing_bytes(self) -> int:
+        """Memory the listing's per-item arrays take (loose files; 0 for the sharded formats)."""
+        return sum(s.files.nbytes for s in self.shards if s.files is not None)
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return filesystem_for(self.uri, self.s3_endpoint)
@@ -94,7 +138,10 @@ def open_source(uri: str, fmt: str, *, shard_size: int = 256, s3_endpoint: str |
         image_column=found.image_column,
         label_column=found.label_column,
     )
-    logger.info("opened %r", src)
+    if src.listing_bytes:
+        logger.info("opened %r; the listing holds %.1f MB", src, src.listing_bytes / 1e6)
+    else:
+        logger.info("opened %r", src)
     return src
 
 

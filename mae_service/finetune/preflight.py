@@ -40,7 +40,9 @@ class FinetuneInputs:
 def labels_of(src: Any) -> set[int]:
     """The labels a dataset holds: exact for ``files``; the listing's class ids, else a sample, for the others."""
     if src.fmt == "files":
-        return {int(label) for shard in src.shards for label in shard.labels}
+        import numpy as np
+
+        return {int(label) for label in np.unique(np.concatenate([shard.labels for shard in src.shards]))}
     if src.class_names:
         return set(range(len(src.class_names)))
     import numpy as np

@@ -114,6 +114,7 @@ def _trainer(
         epochs=cfg.train.epochs,
         start_rows=start_rows,
         callbacks=callbacks,
+        decode_device=cfg.data.decode_device,
     )
 
 

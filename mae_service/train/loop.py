@@ -145,17 +145,30 @@ def resume_checkpoint(config: dict[str, Any]) -> Any:
 
 
 def _batches(w: Worker, start_rows: int):
-    return rank_batches(w.rank, w.step, w.plan, start_rows)
+    if w.cfg.data.decode_device == "cpu":
+        return rank_batches(w.rank, w.step, w.plan, start_rows)
+    from mae_service.train.device_decode import decoded_batches
+
+    def decode(batches):
+        return decoded_batches(batches, seed=w.cfg.train.seed, size=w.cfg.data.image_size, device=w.device)
+
+    return rank_batches(w.rank, w.step, w.plan, start_rows, decode=decode)
 
 
-def rank_batches(rank: int, step: int, plan: StepPlan, start_rows: int):
-    """Rank ``rank``'s stream of micro-batches (dataset ``train_<rank>``), positioned at optimiser step ``step``."""
+def rank_batches(rank: int, step: int, plan: StepPlan, start_rows: int, decode=None):
+    """Rank ``rank``'s stream of micro-batches (dataset ``train_<rank>``), positioned at optimiser step ``step``.
+
+    ``decode``: a stream of encoded rows (``data.decode_device=cuda``), decoded on this worker by
+    ``decode(numpy batches)``; skipped rows are not decoded."""
     import ray.data
     import ray.train
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop logs its own progress
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = iter(shard.iter_torch_batches(batch_size=plan.micro_batch, prefetch_batches=2, drop_last=True))
+    if decode is None:
+        batches = iter(shard.iter_torch_batches(batch_size=plan.micro_batch, prefetch_batches=2, drop_last=True))
+    else:
+        batches = iter(shard.iter_batches(batch_size=plan.micro_batch, prefetch_batches=2, drop_last=True))
     skip_rows = step * plan.rows_per_step - start_rows
     if skip_rows < 0:
         raise RuntimeError(
@@ -164,7 +177,7 @@ def rank_batches(rank: int, step: int, plan: StepPlan, start_rows: int):
         )
     for _ in range(skip_rows // plan.micro_batch):  # only after a worker failure: the stream restarts at job start
         next(batches)
-    return batches
+    return batches if decode is None else iter(decode(batches))
 
 
 def _train_step(w: Worker, batches, progress: Progress) -> dict[str, float]:

@@ -36,11 +36,13 @@ def ray_trainer(
     epochs: int,
     start_rows: int,
     callbacks: list | None = None,
+    decode_device: str = "cpu",
 ) -> Any:
     """The ``TorchTrainer`` a run trains with (pretraining and fine-tuning alike): ``loop`` on
     ``train.num_workers`` ranks, one deterministic Ray Data stream of ``source`` per rank (dataset ``train_<rank>``,
     starting at row ``start_rows``), checkpoints under ``train.storage_path``, ``train.max_failures`` restarts, and
-    MLflow's auth variables in the workers' runtime env (:func:`worker_env`)."""
+    MLflow's auth variables in the workers' runtime env (:func:`worker_env`). ``decode_device="cuda"``: the
+    streams carry encoded bytes, which ``loop`` decodes on its GPU (pretraining's loop does)."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -61,6 +63,7 @@ def ray_trainer(
             epochs=epochs,
             start_sample=start_rows,
             decode_cpus=cfg.data.decode_cpus,
+            decode_device=decode_device,
         )
         for r in range(t.num_workers)
     }

@@ -71,7 +71,7 @@ def test_three_formats_read_the_same_labelled_images_from_s3(ray_data, data):
         assert np.bincount(cols["label"]).tolist() == [4] * 12
         if fmt == "files":  # labels are the class folders, in listing order
             assert cols["label"].tolist() == [lab for s in src.shards for lab in s.labels]
-            names = [s.keys[i].split("/")[-2] for s in src.shards for i in range(s.count)]
+            names = [s.key(i).split("/")[-2] for s in src.shards for i in range(s.count)]
             assert [src.class_names[lab] for lab in cols["label"]] == names
         seen[fmt] = fingerprints(cols)
     assert seen["files"] == seen["wds"] == seen["parquet"]
@@ -95,6 +95,23 @@ def test_same_seed_same_batches_and_resume_is_the_tail(ray_data, data, fmt, pref
     r = collect(train_dataset(src, seed=0, start_sample=30, **kw))
     for k in a:
         assert np.array_equal(r[k], a[k][30:]), k
+
+
+def test_fetch_only_stream_through_ray_data_decodes_on_the_worker(ray_data, data):
+    """``decode_device="cuda"``: the encoded bytes survive Ray Data's blocks, and decoding them where the training
+    worker would (here with ``device="cpu"``) gives the CPU stream's rows, labels and crops."""
+    from mae_service.train.device_decode import decoded_batches
+
+    src = open_source(f"{data}/files", "files", shard_size=16)
+    kw = dict(rank=0, world_size=1, image_size=16, seed=3, batch_size=8, epochs=1)
+    cpu = collect(train_dataset(src, **kw))
+    raw_ds = train_dataset(src, decode_device="cuda", **kw)
+    out = list(decoded_batches(raw_ds.iter_batches(batch_size=8, batch_format="numpy"), seed=3, size=16, device="cpu"))
+    images = np.concatenate([b["image"].numpy() for b in out])
+    assert images.shape == cpu["image"].shape == (N, 3, 16, 16)
+    assert np.concatenate([b["label"].numpy() for b in out]).tolist() == cpu["label"].tolist()
+    assert sum(int(b["n_bad"].sum()) for b in out) == 0
+    assert np.abs(images.astype(np.int16) - cpu["image"].astype(np.int16)).mean() <= 8
 
 
 def test_two_ranks_get_equal_counts(ray_data, data):
@@ -205,11 +222,11 @@ def test_loose_objects_deleted_after_listing(s3_server, s3_bucket, tmp_path):
     _upload(s3_server, tmp_path / "img", s3_bucket, "img")
     src = open_source(f"s3://{s3_bucket}/img", "files")
     c = s3_server.client()
-    c.delete_object(Bucket=s3_bucket, Key=src.shards[0].keys[0].split("/", 1)[1])
+    c.delete_object(Bucket=s3_bucket, Key=src.shards[0].key(0).split("/", 1)[1])
     cols = run(src, train=True)
     assert len(cols["image"]) == 6 and (cols["n_bad"] > 0).sum() == 1
-    for key in src.shards[0].keys:
-        c.delete_object(Bucket=s3_bucket, Key=key.split("/", 1)[1])
+    for i in range(src.shards[0].count):
+        c.delete_object(Bucket=s3_bucket, Key=src.shards[0].key(i).split("/", 1)[1])
     c.delete_bucket(Bucket=s3_bucket)
     with pytest.raises(ValueError, match="does not exist") as e:
         run(src, train=True)

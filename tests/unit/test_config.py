@@ -229,7 +229,7 @@ def test_resume_conflicts():
 
 
 def test_config_from_dict_roundtrip():
-    cfg = build_config({}, ["train.run_name=r1", "data.decode_device=cuda", "train.compile=yes"])
+    cfg = build_config({}, ["train.run_name=r1", "data.decode_device=cuda", "train.use_gpu=true", "train.compile=yes"])
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.flat()["train.compile"] is True and cfg.flat()["data.decode_device"] == "cuda"
 
@@ -289,8 +289,10 @@ def test_amp_modes_and_devices():
 
 def test_decode_device():
     assert build_config({}).data.decode_device == "cpu"
-    assert build_config({}, ["data.decode_device=cuda"]).data.decode_device == "cuda"
+    assert build_config({}, ["data.decode_device=cuda", "train.use_gpu=true"]).data.decode_device == "cuda"
     assert _problems("data.decode_device=gpu") == ["data.decode_device='gpu': allowed cpu, cuda"]
+    (problem,) = _problems("data.decode_device=cuda")  # train.use_gpu defaults to false
+    assert "data.decode_device='cuda'" in problem and "train.use_gpu=true" in problem
 
 
 def test_data_format_allowed_values_come_from_the_formats_package():

@@ -60,3 +60,30 @@ def test_bad_arguments():
         samples_per_rank(src, 4, 4)
     with pytest.raises(ValueError, match="start_sample"):
         plan_rank(np.array([10]), seed=0, rank=0, world_size=1, per_rank=10, epochs=1, start_sample=11)
+
+
+def test_rank_jobs_carry_their_share_of_the_listing(tmp_path):
+    """4 ranks over 10k loose files: each rank's job (what its decode tasks receive) pickles to ≤ 1/3 of the
+    whole listing, and the ranks' keys are the listing, each key once."""
+    import pickle
+
+    from mae_service.data.pipeline import job_keys, train_job
+    from mae_service.data.source import open_source
+
+    for c in range(10):
+        folder = tmp_path / f"class_{c:02d}"
+        folder.mkdir()
+        for i in range(1000):
+            (folder / f"img_{i:05d}.jpg").touch()
+    src = open_source(str(tmp_path), "files")
+    assert src.num_images == 10_000 and len(src.class_names) == 10
+    whole = len(pickle.dumps(src))
+    keys = []
+    for rank in range(4):
+        job = train_job(src, rank=rank, world_size=4, image_size=32, seed=0, batch_size=50, epochs=1)
+        assert len(pickle.dumps(job)) <= whole / 3, (rank, len(pickle.dumps(job)), whole)
+        keys += job_keys(job)
+    listing = [s.key(i) for s in src.shards for i in range(s.count)]
+    assert len(keys) == len(set(keys)) == 10_000 and set(keys) == set(listing)
+    key_bytes = sum(len(k) for k in listing) - 10_000 * len(f"{tmp_path}/")
+    assert whole < key_bytes + 10_000 * 20, "compact: the keys' own bytes and ~16 more each, not an object per key"

@@ -28,7 +28,7 @@ def source_error(uri: str, what: str) -> ValueError:
     return ValueError(f"data source {uri!r}: {what}")
 
 
-def _describe_os_error(e: OSError) -> str:
+def describe_os_error(e: OSError) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     hints = []
     low = msg.lower()
@@ -64,7 +64,7 @@ def list_files(uri: str, fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
             return [info]
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
-        raise source_error(uri, f"cannot list: {_describe_os_error(e)}") from None
+        raise source_error(uri, f"cannot list: {describe_os_error(e)}") from None
     return [i for i in infos if i.type == pafs.FileType.File]
 
 
