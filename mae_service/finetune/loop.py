@@ -158,7 +158,9 @@ def _train_step(w: Worker, batches, run: RunLogger | None) -> None:
         min_lr=ft.min_lr,
     )
     set_group_lrs(w.optimizer, lr)
+    t0 = time.perf_counter()
     batch = next(batches)
+    waited = time.perf_counter() - t0
     seed = _seed(w.cfg.train.seed, w.rank, w.step)
     torch.manual_seed(seed)  # drop path
     np.random.seed(seed)  # timm's Mixup draws lambda and the cut box from numpy's global RNG
@@ -192,7 +194,17 @@ def _train_step(w: Worker, batches, run: RunLogger | None) -> None:
     w.step += 1
     w.bad += int(bad_rows)
     if run is not None:
-        run.metrics({"loss": w.last_loss, "lr": lr, "bad_objects": float(w.bad)}, w.step)
+        dt = time.perf_counter() - t0  # rank 0's step, data wait included (as pretraining measures it)
+        run.metrics(
+            {
+                "loss": w.last_loss,
+                "lr": lr,
+                "bad_objects": float(w.bad),
+                "images_per_s": len(batch["image"]) * w.world / dt if dt > 0 else 0.0,
+                "data_wait_frac": min(1.0, waited / dt) if dt > 0 else 0.0,
+            },
+            w.step,
+        )
 
 
 @torch.no_grad()
