@@ -32,14 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _k, _v in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "DO_NOT_TRACK": "true",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(_k, _v)
+from mae_service.runtime import offline_defaults  # noqa: E402 - needs the sys.path line above
+
+offline_defaults()
 
 
 def make_items(n: int, size: int, seed: int = 0):

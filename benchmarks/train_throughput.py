@@ -17,7 +17,6 @@ Targets: trainer ≥ 0.9 × model-only (data is never the bottleneck); data-wait
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -26,14 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for k, v in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ.setdefault(k, v)
+from mae_service.runtime import offline_defaults  # noqa: E402 - needs the sys.path line above
+
+offline_defaults()
 
 
 def main() -> None:

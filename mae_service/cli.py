@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
-from mae_service.runtime import quiet_output
+from mae_service.runtime import offline_defaults, quiet_output
 
 COMMAND_MODULES = (
     "mae_service.train.commands",  # pretrain
@@ -23,16 +22,8 @@ COMMAND_MODULES = (
     "mae_service.finetune.commands",  # eval finetune | report (after tracking: it adds to the eval group)
 )
 
+
 # Offline hygiene for every process the CLI starts (Ray workers inherit the environment at ray.init).
-_QUIET_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae-service", description="MAE pretraining on Ray, tracked in MLflow.")
     parser.add_argument(
@@ -45,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in _QUIET_ENV.items():
-        os.environ.setdefault(k, v)
+    offline_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -14,6 +14,20 @@ DEFAULT_OBJECT_STORE_BYTES = 1 << 30
 _OUTPUT = {"quiet": False}
 # Libraries whose INFO lines (plans, progress, "View run at …") a user does not need unless they ask with -v.
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "torch")
+# No usage reports, telemetry, hub lookups or cloud metadata probes: the service runs offline unless told otherwise.
+OFFLINE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def offline_defaults() -> None:
+    """Set :data:`OFFLINE_ENV` where the user has not set those variables (call before importing Ray/MLflow)."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def quiet_output(quiet: bool = True) -> None:
