@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mae_service.model.attention import Attention
+
 CLASSIFIER_FORMAT = "mae-service-classifier/1"
 
 
@@ -49,7 +51,8 @@ def create_classifier(arch: dict[str, Any], *, seed: int | None = None) -> nn.Mo
     with torch.random.fork_rng():
         if seed is not None:
             torch.manual_seed(seed)
-        model: Any = timm.create_model(arch["timm_name"], pretrained=False, **arch["timm_kwargs"])
+        # the project's Attention: timm's, with its fp32 attention kernel for bf16 training on CPU (same names)
+        model: Any = timm.create_model(arch["timm_name"], pretrained=False, attn_layer=Attention, **arch["timm_kwargs"])
     if arch["probe_head"]:
         width = int(arch["timm_kwargs"]["embed_dim"])
         model.head = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), model.head)

@@ -19,6 +19,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mae_service.model.attention import Attention
 from mae_service.model.pos_embed import sincos_2d
 from mae_service.model.presets import DEFAULTS as _DEFAULTS
 from mae_service.model.presets import OVERRIDE_KEYS, preset
@@ -106,7 +107,10 @@ class MaskedAutoencoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
+                for _ in range(depth)
+            ]
         )
         self.norm = norm_layer(embed_dim)
 
@@ -118,7 +122,14 @@ class MaskedAutoencoder(nn.Module):
         )
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                Block(
+                    decoder_embed_dim,
+                    decoder_num_heads,
+                    mlp_ratio,
+                    qkv_bias=True,
+                    norm_layer=norm_layer,
+                    attn_layer=Attention,
+                )
                 for _ in range(decoder_depth)
             ]
         )
