@@ -317,7 +317,8 @@ def test_value_checks_name_the_value():
         "train.epochs=0: must be ≥ 1",
         "train.max_steps=0: must be ≥ 1 or null",
         "train.betas contains 1.0: each must be in [0, 1)",
-        "train.run_name='a/b': must be a plain name (no '/', not starting with '.')",
+        "train.run_name='a/b': must be a plain name (no '/', not starting with '.'): 1–200 letters, digits, '_', "
+        "'-' or '.', e.g. vitb-800",
         "train.max_failures=-2: must be ≥ -1 (-1: unlimited)",
         "tune.mask_ratios contains 1.5: each must be in (0, 1)",
         "tune.decoder_embed_dims is empty: give at least one width",
