@@ -154,7 +154,10 @@ def coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         try:
             return _scalar(value, tp)
         except (ValueError, OverflowError):
-            problems.append(f"{where}={value!r}: expected {_EXPECTED[tp]}")
+            if value is None:  # YAML null / ~: say so, rather than show the string 'None'
+                problems.append(f"{where}=null: expected {_EXPECTED[tp]} (this key cannot be null)")
+            else:
+                problems.append(f"{where}={value!r}: expected {_EXPECTED[tp]}")
             return value
     n = len(args) if origin is tuple else 0
     if not isinstance(value, list | tuple) or (n and len(value) != n):

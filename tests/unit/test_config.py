@@ -329,7 +329,7 @@ def test_type_problems_all_at_once():
     assert _problems(
         "train.epochs=two", "train.use_gpu=maybe", "train.betas=[0.9]", "tune.mask_ratios=0.5", "data.train_uri=null"
     ) == [
-        "data.train_uri=None: expected a string",
+        "data.train_uri=null: expected a string (this key cannot be null)",
         "train.epochs='two': expected an integer",
         "train.use_gpu='maybe': expected true or false",
         "train.betas=[0.9]: expected 2 values",
