@@ -242,7 +242,6 @@ CASES = [
 def test_bad_input_exits_2_naming_it_before_ray(world, request, argv, expect, env):
     case = request.node.callspec.id
     rc, out, err = _run(case, world, argv(world), env=env)
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2, (rc, err[-2000:])
     message = err
     for pattern in expect:
