@@ -15,7 +15,9 @@ from typing import Any, get_args, get_origin
 Check = Callable[[Any], "str | None"]  # what is wrong with a value ("must be ≥ 1", "is empty"), or None
 
 ALIAS_RULE = "an alias is 1–255 letters, digits, '_' or '-', and not 'latest' or v<number> (reserved by MLflow)"
-MODEL_NAME_RULE = "a registered model name has at most 255 characters and no '/', ':' or '@' (models:/NAME@ALIAS)"
+MODEL_NAME_RULE = (
+    "a registered model name has at most 255 characters and no '/', ':', '@' or quotes (models:/NAME@ALIAS)"
+)
 
 
 def alias_problem(alias: Any) -> str | None:
@@ -35,7 +37,7 @@ def model_name_problem(name: Any) -> str | None:
         isinstance(name, str)
         and name.strip()
         and len(name) <= 255
-        and not set(name) & set("/:@")
+        and not set(name) & set("/:@'\"`")
         and name not in (".", "..")
     )
     return None if ok else MODEL_NAME_RULE
@@ -108,9 +110,11 @@ positive = rule(lambda v: v > 0, "must be positive")
 unit = rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 beta = rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
 WHERE = "give s3://bucket/prefix or a local"
-plain_name = rule(
-    lambda v: v and "/" not in v and not v.startswith("."), "must be a plain name (no '/', not starting with '.')"
+RUN_NAME_RULE = (
+    "must be a plain name (no '/', not starting with '.'): 1–200 letters, digits, '_', '-' or '.', e.g. vitb-800"
 )
+plain_name = rule(lambda v: isinstance(v, str) and re.fullmatch(r"(?!\.)[\w.-]{1,200}", v, re.ASCII), RUN_NAME_RULE)
+"""A run name: it names a storage folder and is looked up in MLflow (a quote there would break the filter)."""
 server_uri = rule(
     lambda v: "://" in v and not v.startswith("file:"),
     "MLflow 3 needs a database or server URI (sqlite:///mlflow.db, http://host:5000)",
@@ -150,7 +154,10 @@ def coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         try:
             return _scalar(value, tp)
         except (ValueError, OverflowError):
-            problems.append(f"{where}={value!r}: expected {_EXPECTED[tp]}")
+            if value is None:  # YAML null / ~: say so, rather than show the string 'None'
+                problems.append(f"{where}=null: expected {_EXPECTED[tp]} (this key cannot be null)")
+            else:
+                problems.append(f"{where}={value!r}: expected {_EXPECTED[tp]}")
             return value
     n = len(args) if origin is tuple else 0
     if not isinstance(value, list | tuple) or (n and len(value) != n):

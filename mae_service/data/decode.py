@@ -47,13 +47,15 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size checked below
             img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own guard (twice MAX_PIXELS) fired before ours could
+        raise BadImageError(f"decompression bomb: over the limit of {max_pixels} pixels ({e})") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, SyntaxError, ...)
         raise BadImageError(f"not a readable image: {type(e).__name__}: {e}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise BadImageError(f"invalid size {w}x{h}")
     if w * h > max_pixels:
-        raise BadImageError(f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
+        raise BadImageError(f"decompression bomb: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels")
     return img
 
 

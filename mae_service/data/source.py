@@ -159,3 +159,26 @@ def samples_per_rank(src: Source, world_size: int, batch_size: int) -> int:
             f"batches of {batch_size}"
         )
     return n
+
+
+def probe_images(src: Source, n: int = 8) -> tuple[int, list[tuple[str, str]]]:
+    """Fetch and fully decode the first ``n`` images of ``src`` (a few objects, or the first tar / row group),
+    in the calling process: ``(how many decoded, [(item, why not) …])``. A preflight uses it to turn "no image
+    decodes" into an error naming one, before any worker starts; a few bad ones are skipped at run time."""
+    from mae_service.data.decode import BadImageError, decode_image
+
+    fs, _ = src.filesystem()
+    shard = src.shards[0]
+    try:
+        reader = formats.get(src.fmt).reader(src, fs, shard)
+    except Exception as e:  # noqa: BLE001 - tarfile, pyarrow and the readers raise their own types for a bad shard
+        raise ValueError(f"data source {src.uri!r}: cannot read {shard.name()}: {type(e).__name__}: {e}") from None
+    good, bad = 0, []
+    for pos in range(min(n, shard.count)):
+        try:
+            data, _label = reader.get(pos)
+            decode_image(data)
+            good += 1
+        except BadImageError as e:
+            bad.append((reader.name(pos), str(e)))
+    return good, bad

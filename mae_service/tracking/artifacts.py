@@ -8,8 +8,11 @@ run) holds, under ``artifacts/``:
   arguments and the weights' sha256;
 - ``mae.safetensors``: the full MAE (decoder included), for ``mae-service reconstruct``;
 
-plus the pyfunc (``encoder_pyfunc.py``, models from code) that serves embeddings. The version's tags carry the
-sha256 of every file; loads verify the files against them. Shared by :mod:`.registry` (reads) and
+plus the pyfunc (``encoder_pyfunc.py``, models from code) that serves embeddings, ``MLmodel`` and MLflow's
+environment files. The version's ``files_sha256`` tag maps every file of the model directory to its sha256
+(:data:`FILES_SHA_TAG`): tags live in the tracking store, not beside the files, so a file changed, removed or
+added in the artifact store is caught (:func:`check_tree`). Versions registered before that tag existed carry
+only the weights' and architecture's checksums (``weights_sha256`` …), which loads still check. Shared by :mod:`.registry` (reads) and
 :mod:`.register` (writes); imports nothing from MLflow, torch/safetensors only inside :func:`stage_files`.
 """
 
@@ -31,6 +34,8 @@ WEIGHTS_SHA_TAG = "weights_sha256"
 MAE_SHA_TAG = "mae_weights_sha256"
 ARCH_SHA_TAG = "architecture_sha256"
 EVAL_TAG_PREFIX = "eval."
+FILES_SHA_TAG = "files_sha256"
+"""JSON ``{relative path: sha256}`` of every file of the version's model directory, recorded at registration."""
 
 FORMAT = "mae-service-encoder/1"  # also in encoder_pyfunc.py, which must stay free of package imports
 ENCODER_FILE = "encoder.safetensors"
@@ -89,6 +94,11 @@ def stage_files(model: MaskedAutoencoder, out: Path) -> dict[str, str]:
     }
 
 
+def hash_tree(root: Path) -> dict[str, str]:
+    """``{relative POSIX path: sha256}`` of every file below ``root``."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 # ---- verifying -----------------------------------------------------------------------------------------------
 def verify(path: Path, expected: str | None, model_uri: str, what: str) -> None:
     """ValueError unless ``path`` exists and has the sha256 ``expected`` (recorded at registration)."""
@@ -110,3 +120,42 @@ def load_arch(path: Path, model_uri: str) -> dict[str, Any]:
     if arch.get("format") != FORMAT:
         raise ValueError(f"{model_uri}: {ARCH_FILE} has format {arch.get('format')!r}, expected {FORMAT!r}")
     return arch
+
+
+def files_manifest(tags: dict[str, str], model_uri: str) -> dict[str, str] | None:
+    """The version's recorded ``{path: sha256}`` (None for versions registered before it was recorded)."""
+    raw = tags.get(FILES_SHA_TAG)
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()) or not manifest:
+        raise ValueError(f"{model_uri}: the {FILES_SHA_TAG} tag is not a mapping of files to sha256; refusing to load")
+    return manifest
+
+
+def check_tree(root: Path, manifest: dict[str, str], model_uri: str, only: set[str] | None = None) -> None:
+    """ValueError unless the files below ``root`` are exactly ``manifest``'s (or its ``only`` subset) with the
+    recorded sha256: a changed, missing or (when checking everything) extra file is refused, named."""
+    want = {k: v for k, v in manifest.items() if only is None or k in only}
+    got = hash_tree(root)
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want)) if only is None else []
+    changed = sorted(k for k in set(want) & set(got) if got[k] != want[k])
+    if not (missing or extra or changed):
+        return
+    parts = []
+    if changed:
+        k = changed[0]
+        parts.append(
+            f"{', '.join(changed)} changed (sha256 {got[k][:16]}… but {want[k][:16]}… was recorded at registration)"
+        )
+    if missing:
+        parts.append(f"{', '.join(missing)} missing")
+    if extra:
+        parts.append(f"{', '.join(extra)} not part of the registered version")
+    raise ValueError(
+        f"{model_uri}: {'; '.join(parts)}; the artifact is truncated or was modified — refusing to load it"
+    )

@@ -147,16 +147,23 @@ def _models_show(args: argparse.Namespace) -> int:
     if info["encoder"]:
         uri = f"models:/{info['name']}@{info['aliases'][0]}" if info["aliases"] else info["uri"]
         print(f"load:  python -c \"from mae_service.tracking import load_encoder; enc = load_encoder('{uri}')\"")
-        print(f"serve: mlflow models serve -m {uri} --env-manager local")
+        print(
+            f"serve: mae-service models download {uri} OUT (every file verified), then "
+            "mlflow models serve -m OUT --env-manager local"
+        )
     return 0
 
 
 def _models_download(args: argparse.Namespace) -> int:
+    from mae_service.tracking.artifacts import FILES_SHA_TAG
     from mae_service.tracking.registry import download, load_mae
 
     uri = _tracking_uri(args)
     out = download(args.uri, args.out, tracking_uri=uri)
-    print(f"downloaded {args.uri} to {out} (weights verified against the registry's sha256)")
+    tags = json.loads((out / "registry.json").read_text()).get("tags", {})
+    what = "every file" if FILES_SHA_TAG in tags else "the weights and architecture.json"
+    print(f"downloaded {args.uri} to {out} ({what} verified against the sha256 recorded at registration)")
+    print(f"serve it: mlflow models serve -m {out} --env-manager local")
     if args.hf:
         from mae_service.model.export import save_hf_pretrained
 

@@ -28,6 +28,19 @@ def _labelled(feats: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndar
     return feats[keep], labels[keep]
 
 
+def _check_labelled(src: Any) -> None:
+    """ValueError, before any Ray work, for a source whose listing shows it has no labels at all (loose files
+    outside class folders, Parquet without a label column); wds labels are inside the shards: checked later."""
+    no_labels = (src.fmt == "files" and all((s.labels < 0).all() for s in src.shards)) or (
+        src.fmt == "parquet" and src.label_column is None
+    )
+    if no_labels:
+        raise ValueError(
+            f"{src.uri!r} has {src.num_images} images and no labels: the evaluation needs labelled images — class "
+            "folders (ROOT/CLASS/IMAGE) for data.format=files, a label column for parquet, .cls members for wds"
+        )
+
+
 def _random_twin(encoder: Any) -> Any:
     """The same architecture with (seeded) random weights: what pretraining must beat."""
     import timm
@@ -58,6 +71,8 @@ def _features(
     from mae_service.runtime import init_ray
 
     sources = [open_source(u, fmt, s3_endpoint=s3_endpoint) for u in data_uris]
+    for src in sources:
+        _check_labelled(src)
     logger.info("embedding %s images", " / ".join(f"{s.num_images} {u}" for s, u in zip(sources, data_uris)))
     init_ray()
     return splits_features(

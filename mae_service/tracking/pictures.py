@@ -7,6 +7,7 @@ the registry and the images with Ray Data.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,16 @@ def reconstruct_to_file(
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {out!r}: must be a .png file")
     if not path.parent.is_dir():
-        raise ValueError(f"--out {out!r}: folder {str(path.parent)!r} does not exist")
+        raise ValueError(f"--out {out!r}: folder {str(path.parent)!r} does not exist; give a .png in a writable folder")
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a folder; give a .png file path")
+    try:  # writable? (checked here, not after the model ran; an existing file is replaced only at the end)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".mae-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out!r}: cannot write in {str(path.parent)!r} ({e.strerror or e}); give a .png in a writable folder"
+        ) from None
     if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask ratio {mask_ratio}: must be in (0, 1)")
     dtype = resolve_amp(amp, "cpu")
@@ -55,7 +65,13 @@ def reconstruct_to_file(
     batch = eval_dataset(src, image_size=model.img_size).limit(num_images).take_batch(num_images, batch_format="numpy")
     images = torch.from_numpy(np.array(batch["image"]))  # a writable copy of the read-only Ray array
     grid = reconstruction_grid(model, images, mask_ratio=mask_ratio, seed=seed, max_images=num_images, dtype=dtype)
-    grid.save(path, format="PNG")
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        partial = Path(f.name)
+    try:  # a whole picture or the old file: never a half-written one
+        grid.save(partial, format="PNG")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     logger.info("wrote %s (%d images from %s)", path, images.shape[0], data_uri)
     return path
 

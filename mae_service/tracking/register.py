@@ -9,6 +9,7 @@ checkpoint URI, source run) and every file's sha256, and points an alias at it. 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -21,6 +22,7 @@ from mae_service.tracking.artifacts import (
     ARCH_FILE,
     ENCODER_FILE,
     EVAL_TAG_PREFIX,
+    FILES_SHA_TAG,
     KIND,
     KIND_TAG,
     MAE_FILE,
@@ -118,12 +120,20 @@ def _target_run(
 
 def _log_model(
     client: MlflowClient, model: MaskedAutoencoder, exp_id: str, run_id: str, folder: str, tags: dict[str, str]
-) -> str:
-    """Log the staged files in ``folder`` and the pyfunc as a logged model of ``run_id``; returns its model id."""
+) -> tuple[str, dict[str, str]]:
+    """Log the staged files in ``folder`` and the pyfunc as a logged model of ``run_id``; returns its model id and
+    the sha256 of every file uploaded (``{relative path: sha256}``).
+
+    What ``mlflow.pyfunc.log_model`` does, in steps, so the model directory is hashed exactly as uploaded."""
+    import shutil
+
     import mlflow
     import numpy as np
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model, ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
+
+    from mae_service.tracking.artifacts import hash_tree
 
     side = min(int(model.img_size), 32)
     ramp = np.linspace(0, 255, side * side * 3).astype(np.uint8)
@@ -134,23 +144,36 @@ def _log_model(
     logged = client.create_logged_model(
         exp_id, name=_LOGGED_MODEL_NAME, source_run_id=run_id, tags=tags, model_type="mae-encoder"
     )
-    Model.log(
-        artifact_path=None,
-        name=_LOGGED_MODEL_NAME,
-        flavor=mlflow.pyfunc,
-        run_id=run_id,
-        model_id=logged.model_id,
-        python_model=str(PYFUNC_FILE),
-        artifacts={
-            "weights": f"{folder}/{ENCODER_FILE}",
-            "architecture": f"{folder}/{ARCH_FILE}",
-            "mae_weights": f"{folder}/{MAE_FILE}",
-        },
-        signature=signature,
-        input_example=ramp.reshape(1, 3, side, side),
-        pip_requirements=_pip_requirements(),
-    )
-    return logged.model_id
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        local = Path(folder) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(local),
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                run_id=run_id,
+                model_id=logged.model_id,
+            ),
+            python_model=str(PYFUNC_FILE),
+            artifacts={
+                "weights": f"{folder}/{ENCODER_FILE}",
+                "architecture": f"{folder}/{ARCH_FILE}",
+                "mae_weights": f"{folder}/{MAE_FILE}",
+            },
+            signature=signature,
+            input_example=ramp.reshape(1, 3, side, side),
+            pip_requirements=_pip_requirements(),
+        )
+        for cache in list(local.rglob("__pycache__")):
+            shutil.rmtree(cache, ignore_errors=True)
+        files = hash_tree(local)
+        client.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id, files
 
 
 def _create_version(
@@ -199,7 +222,7 @@ def register_encoder(
     safetensors weights, the architecture, the full MAE and the embedding pyfunc; creates the version with the
     lineage tags (``tags`` from the caller — ``data_uri``, ``config_digest``, ``steps``, ``final_loss`` … —
     plus what is derived here: mask ratio, decoder width/depth, checkpoint URI, source run, sha256 of the
-    weights); then sets the alias. Tags whose name or value carries credentials are dropped/redacted.
+    weights and, in ``files_sha256``, of every file of the model directory); then sets the alias. Tags whose name or value carries credentials are dropped/redacted.
     """
     from mlflow.exceptions import MlflowException
 
@@ -214,7 +237,8 @@ def register_encoder(
                 **clean_tags({**derived, **tags}),
                 **clean_tags({"source_run": run_id, KIND_TAG: KIND, **shas}),
             }
-            model_id = _log_model(client, mae, exp_id, run_id, tmp, version_tags)
+            model_id, files = _log_model(client, mae, exp_id, run_id, tmp, version_tags)
+        version_tags[FILES_SHA_TAG] = json.dumps(files, sort_keys=True, separators=(",", ":"))
         if own_run:
             client.set_terminated(run_id)
         description = f"{derived['timm_name']} ({derived['model_name']}, {mae.img_size}px) from run {run_id}"

@@ -2,7 +2,7 @@
 
 ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (parsed by :mod:`.uris`) → :func:`resolve` (which version, or one line saying what
 exists instead) → :func:`load_encoder` / :func:`load_mae` / :func:`download` (every file checked against the
-sha256 recorded at registration, see :mod:`.artifacts`), and :func:`list_versions` / :func:`describe` for
+sha256 recorded at registration, in a temporary folder, before it is read or lands in OUT; see :mod:`.artifacts`), and :func:`list_versions` / :func:`describe` for
 ``mae-service models``. Aliases, not stages, name the versions people use. Writing versions is
 :mod:`.register`'s job. MLflow, torch and timm load inside the functions.
 """
@@ -21,11 +21,15 @@ from mae_service.tracking.artifacts import (
     ARCH_FILE,
     ARTIFACT_SUBDIR,
     ENCODER_FILE,
+    FILES_SHA_TAG,
     KIND,
     KIND_TAG,
     MAE_FILE,
+    PYFUNC_FILE,
     SHA_TAG_OF,
     WEIGHTS_SHA_TAG,
+    check_tree,
+    files_manifest,
     load_arch,
     verify,
 )
@@ -132,15 +136,46 @@ def _download(client: MlflowClient, uri: str, mv: ModelVersion, relpath: str, ds
     return Path(local)
 
 
+def _legacy_warning(model_uri: str, mv: ModelVersion) -> None:
+    logger.warning(
+        "%s (version %s of %s) was registered before every file got a checksum (no %s tag): only %s, %s and %s "
+        "are verified; register it again to cover its other files (MLmodel, %s …)",
+        model_uri,
+        mv.version,
+        mv.name,
+        FILES_SHA_TAG,
+        ARCH_FILE,
+        ENCODER_FILE,
+        MAE_FILE,
+        PYFUNC_FILE.name,
+    )
+
+
 def _fetch_verified(model_uri: str, tracking_uri: str | None, weights: str, dst: str) -> tuple[dict[str, Any], Path]:
-    """Download and verify ``architecture.json`` and ``weights`` (ENCODER_FILE or MAE_FILE) into ``dst``."""
+    """Download ``weights`` (ENCODER_FILE or MAE_FILE), ``architecture.json`` and the version's other files except
+    the weights this load does not read into ``dst``; verify them all against the checksums recorded at
+    registration before anything is read."""
     client, uri, mv = resolve(model_uri, tracking_uri)
     check_encoder(client, mv, model_uri)
-    arch_path = _download(client, uri, mv, f"{ARTIFACT_SUBDIR}/{ARCH_FILE}", dst, model_uri)
-    verify(arch_path, mv.tags.get(SHA_TAG_OF[ARCH_FILE]), model_uri, ARCH_FILE)
-    w_path = _download(client, uri, mv, f"{ARTIFACT_SUBDIR}/{weights}", dst, model_uri)
-    verify(w_path, mv.tags.get(SHA_TAG_OF[weights]), model_uri, weights)
-    return load_arch(arch_path, model_uri), w_path
+    manifest = files_manifest(mv.tags, model_uri)
+    root = Path(dst) / "model"
+    arch_rel, w_rel = f"{ARTIFACT_SUBDIR}/{ARCH_FILE}", f"{ARTIFACT_SUBDIR}/{weights}"
+    if manifest is None:
+        _legacy_warning(model_uri, mv)
+        arch_path = _download(client, uri, mv, arch_rel, dst, model_uri)
+        verify(arch_path, mv.tags.get(SHA_TAG_OF[ARCH_FILE]), model_uri, ARCH_FILE)
+        w_path = _download(client, uri, mv, w_rel, dst, model_uri)
+        verify(w_path, mv.tags.get(SHA_TAG_OF[weights]), model_uri, weights)
+        return load_arch(arch_path, model_uri), w_path
+    unused = {f"{ARTIFACT_SUBDIR}/{name}" for name in (ENCODER_FILE, MAE_FILE)} - {w_rel}
+    wanted = {rel for rel in manifest if rel not in unused} | {arch_rel, w_rel}
+    for rel in sorted(wanted):
+        if rel not in manifest:
+            raise ValueError(f"{model_uri}: {rel} is not among the files recorded at registration; refusing to load it")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        _download(client, uri, mv, rel, str((root / rel).parent), model_uri)
+    check_tree(root, manifest, model_uri, only=wanted)
+    return load_arch(root / arch_rel, model_uri), root / w_rel
 
 
 @with_tracking_uri
@@ -184,30 +219,54 @@ def load_mae(model_uri: str, *, tracking_uri: str | None = None) -> MaskedAutoen
     return model.eval()
 
 
+def _free_target(out: Path) -> Path:
+    """The existing folder the download is staged in (``out``'s nearest existing ancestor), after checking that
+    ``out`` is new or an empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {str(out)!r} is not empty; give a new or empty folder")
+    anchor = out.absolute().parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {str(out)!r}: cannot write in {str(anchor)!r}; give a writable folder")
+    return anchor
+
+
 @with_tracking_uri
 def download(model_uri: str, out_dir: str | os.PathLike, *, tracking_uri: str | None = None) -> Path:
-    """Copy the whole registered model directory (MLmodel, pyfunc, weights) into ``out_dir`` and verify every
-    weight file; also writes ``out_dir/registry.json`` (name, version, aliases, tags). Returns ``out_dir``."""
+    """Copy the whole registered model directory (MLmodel, pyfunc, weights) into ``out_dir``, which must be new or
+    empty; also writes ``out_dir/registry.json`` (name, version, aliases, tags). Returns ``out_dir``.
+
+    Everything is downloaded into a temporary folder beside ``out_dir`` and checked there against the sha256 of
+    every file recorded at registration (a changed, missing or added file is refused); only a verified model is
+    moved into ``out_dir``. On refusal ``out_dir`` is as it was (not created if it did not exist)."""
     import mlflow
 
     client, uri, mv = resolve(model_uri, tracking_uri)
     check_encoder(client, mv, model_uri)
+    manifest = files_manifest(mv.tags, model_uri)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder {str(out)!r} is not empty; give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    anchor = _free_target(out)
     base = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
     logger.info("downloading %s (version %s of %s) to %s", model_uri, mv.version, mv.name, out)
-    with tempfile.TemporaryDirectory(prefix="mae-download-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".mae-download-", dir=anchor) as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=base, dst_path=tmp, tracking_uri=uri))
+            staged = Path(mlflow.artifacts.download_artifacts(artifact_uri=base, dst_path=tmp, tracking_uri=uri))
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{model_uri}: cannot download the model ({first_line(e)})") from None
-        for item in local.iterdir():
-            shutil.move(str(item), out / item.name)
-    for name in (ARCH_FILE, ENCODER_FILE, MAE_FILE):
-        verify(out / ARTIFACT_SUBDIR / name, mv.tags.get(SHA_TAG_OF[name]), model_uri, name)
-    (out / "registry.json").write_text(json.dumps(_version_info(client, mv), indent=2, sort_keys=True) + "\n")
+        if manifest is None:
+            _legacy_warning(model_uri, mv)
+            for name in (ARCH_FILE, ENCODER_FILE, MAE_FILE):
+                verify(staged / ARTIFACT_SUBDIR / name, mv.tags.get(SHA_TAG_OF[name]), model_uri, name)
+        else:
+            check_tree(staged, manifest, model_uri)
+        (staged / "registry.json").write_text(json.dumps(_version_info(client, mv), indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            for item in staged.iterdir():
+                shutil.move(str(item), out / item.name)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(staged), out)
     return out
 
 

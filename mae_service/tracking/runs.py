@@ -111,6 +111,42 @@ def tracking_problem(uri: str, *, must_exist: bool, timeout: float = 5.0) -> str
         return (
             f"tracking URI {shown!r}: MLflow 3 needs a database or server URI (sqlite:///mlflow.db, http://host:5000)"
         )
+    return _database_driver_problem(uri, shown)
+
+
+_DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "psycopg[binary]",
+    "MySQLdb": "mysqlclient",
+    "pymysql": "pymysql",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+"""Python module SQLAlchemy imports for a database URI → the pip package that provides it."""
+
+
+def _database_driver_problem(uri: str, shown: str) -> str | None:
+    """A database tracking URI (``postgresql://``, ``mysql+pymysql://`` …) whose SQLAlchemy dialect or driver
+    package is missing: say which package to install (MLflow would fail with a traceback at the first call)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    if uri.split("://", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql", "mssql"):
+        return None  # not a database MLflow stores runs in (e.g. a tracking plugin's scheme): MLflow decides
+    other = "or use sqlite:///mlflow.db or an http:// MLflow server"
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        return f"mlflow.tracking_uri={shown!r}: not a database or server URI MLflow can use ({e}); {other}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        module = (e.name or str(e)).split(".")[0]
+        package = _DRIVER_PACKAGES.get(module, module)
+        return (
+            f"mlflow.tracking_uri={shown!r}: the {dialect.name} driver needs the Python package {package!r} "
+            f"(module {module!r}), which is not installed; pip install '{package}', {other}"
+        )
     return None
 
 
@@ -177,6 +213,9 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
 
 
 def _tag_filter(tags: dict[str, str]) -> str:
+    for k, v in tags.items():
+        if "'" in str(v) or "`" in str(k):
+            raise ValueError(f"cannot look up runs by {k}={v!r}: quotes are not allowed in names")
     return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
 
 

@@ -1,6 +1,7 @@
 """Preflight of a run: everything checkable before any cluster resource is used, all problems raised at once.
 
-Opens the training and held-out data (listing them), checks the tracking store answers and the checkpoint
+Opens the training and held-out data (listing them, and decoding their first few images: a dataset of which none
+decodes fails here, naming one), checks the tracking store answers and the checkpoint
 bucket exists, computes the step plan (too little data for one step is a problem too) and resolves ``train.amp``
 where the driver can: on this machine's CPU for CPU runs (a local run's workers share it), on this machine's GPU
 for GPU runs where the driver has one; otherwise the workers' devices decide (each worker resolves and logs too).
@@ -8,12 +9,15 @@ for GPU runs where the driver has one; otherwise the workers' devices decide (ea
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from mae_service.config import Config, ConfigError
 from mae_service.tracking.runs import resolve_tracking_uri, tracking_problem
 from mae_service.train.step import StepPlan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,14 +31,36 @@ class Inputs:
     """``train.amp`` resolved by the driver (``bf16``, ``fp16``, ``fp32``), None when the workers decide."""
 
 
+PROBE_IMAGES = 8
+"""Images of each dataset the driver fetches and decodes before any worker starts."""
+
+
 def _open(cfg: Config, key: str, uri: str, problems: list[str]) -> Any:
     from mae_service.data import open_source
+    from mae_service.data.source import probe_images
 
     try:
-        return open_source(uri, cfg.data.format, shard_size=cfg.data.shard_size, s3_endpoint=cfg.data.s3_endpoint)
+        src = open_source(uri, cfg.data.format, shard_size=cfg.data.shard_size, s3_endpoint=cfg.data.s3_endpoint)
+        good, bad = probe_images(src, PROBE_IMAGES)
     except ValueError as e:
         problems.append(f"{key}: {e}")
         return None
+    if bad and not good:
+        name, why = bad[0]
+        problems.append(
+            f"{key}={uri!r}: none of the first {len(bad)} images decodes (e.g. {name}: {why}); give a folder of "
+            "JPEG/PNG/WebP/BMP/GIF/TIFF images (or wds/parquet shards of them, data.format)"
+        )
+        return None
+    if bad:
+        logger.warning(
+            "%s: %d of the first %d images do not decode (e.g. %s: %s); bad images are skipped and counted",
+            uri,
+            len(bad),
+            len(bad) + good,
+            *bad[0],
+        )
+    return src
 
 
 def checkpoint_bytes(cfg: Config) -> int:

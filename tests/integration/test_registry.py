@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,90 @@ def test_tampered_or_truncated_artifacts_are_refused(registry, cli):
     mae_file.write_bytes(mae_file.read_bytes()[:-8])
     with pytest.raises(ValueError, match="mae.safetensors"):
         load_mae(reg.uri, tracking_uri=uri)
+
+
+def _store_folder(uri: str, reg) -> Path:
+    import mlflow
+
+    location = mlflow.MlflowClient(uri).get_model_version_download_uri(reg.name, str(reg.version))
+    return Path(urllib.parse.urlsplit(location).path if location.startswith("file:") else location)
+
+
+def _inject(code_file: Path, marker: Path) -> None:
+    """Append code that leaves ``marker`` behind when the pyfunc file is imported (as MLflow's loader does)."""
+    code_file.write_text(code_file.read_text() + f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+
+
+def test_tampered_pyfunc_code_is_refused_before_it_lands_or_runs(registry, cli, tmp_path):
+    uri = registry["uri"]
+    reg = register(tiny_mae(4), tracking_uri=uri, model_name="code-tamper", alias="current", run_id=None, tags={})
+    manifest = json.loads(describe(reg.uri, tracking_uri=uri)["tags"]["files_sha256"])
+    assert {"MLmodel", "encoder_pyfunc.py", "requirements.txt", "artifacts/encoder.safetensors"} <= set(manifest)
+    base = _store_folder(uri, reg)
+    marker = tmp_path / "injected-code-ran"
+    pristine = (base / "encoder_pyfunc.py").read_text()
+    _inject(base / "encoder_pyfunc.py", marker)
+
+    work = tmp_path / "work"
+    (work / "empty").mkdir(parents=True)
+    (work / "full").mkdir()
+    (work / "full" / "keep.txt").write_text("mine")
+    for out in (work / "new" / "out", work / "empty"):
+        rc, _, err = cli("models", "download", reg.alias_uri, str(out), "--tracking-uri", uri)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "encoder_pyfunc.py changed" in err and "refusing" in err, err
+    rc, _, err = cli("models", "download", reg.alias_uri, str(work / "full"), "--tracking-uri", uri)
+    assert rc == 2 and "not empty" in err
+    # nothing landed: no OUT created, the empty one still empty, the full one as it was, no staging left over
+    assert sorted(p.name for p in work.iterdir()) == ["empty", "full"]
+    assert list((work / "empty").iterdir()) == [] and (work / "full" / "keep.txt").read_text() == "mine"
+    assert [p.name for p in (work / "full").iterdir()] == ["keep.txt"]
+    for load in (load_encoder, load_mae):
+        with pytest.raises(ValueError, match=r"models:/code-tamper@current: encoder_pyfunc.py changed.*refusing"):
+            load(reg.alias_uri, tracking_uri=uri)
+    assert not marker.exists()
+
+    # the injected code is live: MLflow's own loader, which checks nothing, runs it
+    subprocess.run(
+        [sys.executable, "-c", f"import mlflow; mlflow.pyfunc.load_model({str(base)!r})"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert marker.read_text() == "ran"
+
+    # an added file is refused as well (loads read only recorded files, so they still work)
+    (base / "encoder_pyfunc.py").write_text(pristine)
+    shutil.rmtree(base / "__pycache__", ignore_errors=True)
+    (base / "artifacts" / "extra.py").write_text("print('hi')\n")
+    rc, _, err = cli("models", "download", reg.uri, str(work / "new"), "--tracking-uri", uri)
+    assert rc == 2 and "artifacts/extra.py not part of the registered version" in err, err
+    assert not (work / "new").exists()
+    assert load_encoder(reg.uri, tracking_uri=uri) is not None
+    (base / "artifacts" / "extra.py").unlink()
+    rc, out, err = cli("models", "download", reg.uri, str(work / "new"), "--tracking-uri", uri)
+    assert rc == 0 and "every file verified" in out, err
+    assert sorted(p.relative_to(work / "new").as_posix() for p in (work / "new").rglob("*") if p.is_file()) == sorted(
+        [*manifest, "registry.json"]
+    )
+
+
+def test_versions_registered_before_file_checksums_still_load_with_a_warning(registry, cli, tmp_path, caplog):
+    import mlflow
+
+    uri = registry["uri"]
+    reg = register(tiny_mae(5), tracking_uri=uri, model_name="old-style", alias="current", run_id=None, tags={})
+    mlflow.MlflowClient(uri).delete_model_version_tag(reg.name, str(reg.version), "files_sha256")
+    with caplog.at_level("WARNING", logger="mae_service.tracking.registry"):
+        assert load_encoder(reg.alias_uri, tracking_uri=uri) is not None
+    assert "registered before every file got a checksum" in caplog.text
+    rc, out, err = cli("models", "download", reg.alias_uri, str(tmp_path / "dl"), "--tracking-uri", uri)
+    assert rc == 0 and "the weights and architecture.json verified" in out, err
+    # … and its weights are still checked
+    weights = _store_folder(uri, reg) / "artifacts" / "encoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="encoder.safetensors.*refusing"):
+        load_encoder(reg.alias_uri, tracking_uri=uri)
 
 
 def test_a_version_that_is_not_an_mae_encoder_is_refused(registry, tmp_path):

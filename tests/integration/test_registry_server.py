@@ -117,6 +117,60 @@ def test_tampered_object_on_s3_is_refused(mlflow_server, s3_server):
         load_encoder(reg.alias_uri, tracking_uri=uri)
 
 
+def test_tampered_pyfunc_code_on_s3_is_refused_and_never_runs(mlflow_server, s3_server, tmp_path):
+    uri = mlflow_server.uri
+    reg = register(
+        tiny_mae(2),
+        tracking_uri=uri,
+        model_name=f"code-{uuid.uuid4().hex[:8]}",
+        alias="current",
+        run_id=None,
+        tags={},
+        experiment=f"code-{uuid.uuid4().hex[:8]}",
+    )
+    key = next(k for k in _s3_keys(s3_server) if reg.model_id in k and k.endswith("/encoder_pyfunc.py"))
+    marker = tmp_path / "injected-code-ran"
+    c = s3_server.client()
+    code = c.get_object(Bucket="mlflow-artifacts", Key=key)["Body"].read().decode()
+    injected = code + f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    c.put_object(Bucket="mlflow-artifacts", Key=key, Body=injected.encode())
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "mae_service",
+            "models",
+            "download",
+            reg.alias_uri,
+            str(out),
+            "--tracking-uri",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **QUIET_ENV},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "encoder_pyfunc.py changed" in proc.stderr and "refusing" in proc.stderr
+    assert "verified" not in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no staging folder, no marker
+    with pytest.raises(ValueError, match=rf"{reg.alias_uri}: encoder_pyfunc.py changed.*refusing"):
+        load_encoder(reg.alias_uri, tracking_uri=uri)
+    assert not marker.exists()
+    # the injected code is live: MLflow's own loader (no checks) runs it
+    subprocess.run(
+        [str(BIN / "python"), "-c", f"import mlflow; mlflow.pyfunc.load_model({reg.alias_uri!r})"],
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": uri},
+        cwd=tmp_path,
+    )
+    assert marker.read_text() == "ran"
+
+
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:

@@ -317,7 +317,8 @@ def test_value_checks_name_the_value():
         "train.epochs=0: must be ≥ 1",
         "train.max_steps=0: must be ≥ 1 or null",
         "train.betas contains 1.0: each must be in [0, 1)",
-        "train.run_name='a/b': must be a plain name (no '/', not starting with '.')",
+        "train.run_name='a/b': must be a plain name (no '/', not starting with '.'): 1–200 letters, digits, '_', "
+        "'-' or '.', e.g. vitb-800",
         "train.max_failures=-2: must be ≥ -1 (-1: unlimited)",
         "tune.mask_ratios contains 1.5: each must be in (0, 1)",
         "tune.decoder_embed_dims is empty: give at least one width",
@@ -328,7 +329,7 @@ def test_type_problems_all_at_once():
     assert _problems(
         "train.epochs=two", "train.use_gpu=maybe", "train.betas=[0.9]", "tune.mask_ratios=0.5", "data.train_uri=null"
     ) == [
-        "data.train_uri=None: expected a string",
+        "data.train_uri=null: expected a string (this key cannot be null)",
         "train.epochs='two': expected an integer",
         "train.use_gpu='maybe': expected true or false",
         "train.betas=[0.9]: expected 2 values",

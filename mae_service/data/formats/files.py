@@ -137,7 +137,10 @@ def list_images(uri: str, fs: pafs.FileSystem, root: str, *, manifest: bool = Tr
             "%s: %d images are directly under the prefix (label -1) while others are in class folders", uri, n_loose
         )
     chunks = pa.chunked_array([pa.array(k, pa.large_string()) for _, k, _, _ in parts], pa.large_string())
-    labels = np.concatenate([np.full(len(k), cls_id[f] if f is not None else -1, np.int64) for f, k, _, _ in parts])
+    # a folder holding no images is no class (its label would never be used: it has no items)
+    labels = np.concatenate(
+        [np.full(len(k), cls_id.get(f, -1) if f is not None else -1, np.int64) for f, k, _, _ in parts]
+    )
     byte_sizes = np.concatenate([np.asarray(z, np.int64) for _, _, z, _ in parts])
     del parts
     if len(chunks) == 0:

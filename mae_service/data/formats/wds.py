@@ -23,9 +23,11 @@ from mae_service.data.formats.shared import (
     Batch,
     MemoryReader,
     ShardWriter,
+    hidden,
+    list_files,
     read_index,
     read_object,
-    shard_files,
+    rel,
     source_error,
 )
 from mae_service.data.source import Shard, Source
@@ -82,15 +84,32 @@ def iter_samples(tar: tarfile.TarFile, *, read: bool) -> Iterator[tuple[str, byt
 
 
 def _count_tar(fs: pafs.FileSystem, path: str) -> int:
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        return sum(1 for _ in iter_samples(tar, read=False))
+    try:
+        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            return sum(1 for _ in iter_samples(tar, read=False))
+    except (tarfile.TarError, EOFError) as e:
+        raise tarfile.TarError(f"tar shard {path} is damaged or truncated ({e})") from None
 
 
 def open_dataset(uri: str, fs: pafs.FileSystem, root: str, *, shard_size: int) -> Listing:
     """One shard per tar (``shard_size`` does not apply)."""
-    tars, single = shard_files(uri, fs, root, TAR_SUFFIXES)
+    infos = list_files(uri, fs, root)
+    single = len(infos) == 1 and infos[0].path == root
+    sizes = {i.path: i.size for i in infos}
+    tars = sorted(p for p in sizes if p.endswith(TAR_SUFFIXES) and not hidden(rel(root, p)))
     if not tars:
         raise source_error(uri, "no .tar shards found (format 'wds')")
+    # an uncompressed tar is whole 512-byte blocks ending in two zero blocks: a shorter or ragged one was cut
+    # short (an interrupted upload), which the listing shows without reading it (the counts may come from
+    # _index.json, so nothing else would open it before a worker does)
+    cut = [t for t in tars if t.endswith(".tar") and sizes[t] is not None and (sizes[t] % 512 or sizes[t] < 1024)]
+    if cut:
+        raise source_error(
+            uri,
+            f"tar shard {cut[0]} is truncated ({sizes[cut[0]]} bytes, not a whole number of 512-byte tar blocks)"
+            + (f" and {len(cut) - 1} more" if len(cut) > 1 else "")
+            + "; write it again (mae-service data pack) or remove it",
+        )
     index = {} if single else read_index(fs, root)
     known = {f"{root}/{name}": int(c) for name, c in (index.get("shards") or {}).items()}
     missing = [t for t in tars if t not in known]
