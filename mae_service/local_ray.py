@@ -232,7 +232,7 @@ def start_local_ray(*, num_cpus: int, dashboard: bool, object_store_bytes: int |
         atexit.register(_cleanup_at_exit)  # after ray.init's own atexit hook: runs first (LIFO)
     _MINE.append(run_dir)
     default_store = int(os.environ.get("MAE_OBJECT_STORE_BYTES", 1 << 30))
-    info = ray.init(
+    info: Any = ray.init(
         address="local",  # never join another instance by accident
         num_cpus=num_cpus,
         _node_ip_address=LOOPBACK,
