@@ -137,7 +137,9 @@ def _driver_alive_by_name(name: str) -> bool:
     import psutil
 
     m = _RUN_DIR.match(name)
-    return bool(m) and psutil.pid_exists(int(m.group(1))) and int(m.group(1)) != os.getpid()
+    if m is None:
+        return False
+    return psutil.pid_exists(int(m.group(1))) and int(m.group(1)) != os.getpid()
 
 
 def _flag(cmdline: list[str], name: str) -> str | None:
