@@ -10,7 +10,10 @@ import logging
 import os
 from typing import Any
 
-DEFAULT_OBJECT_STORE_BYTES = 1 << 30
+from mae_service.local_ray import RayInstanceConflict, start_local_ray
+
+__all__ = ["RayInstanceConflict", "cluster_cpus_gpus", "init_ray", "quiet_output", "resource_problems"]
+
 _OUTPUT = {"quiet": False}
 # Libraries whose INFO lines (plans, progress, "View run at …") a user does not need unless they ask with -v.
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "torch")
@@ -53,8 +56,10 @@ def init_ray(cpus_needed: float = 0.0, *, dashboard: bool = False) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (or the one a Ray job runs in), else start a local Ray on 127.0.0.1.
 
     A local Ray gets at least 4 logical CPUs and at least ``cpus_needed`` rounded up: Ray Train workers and Ray
-    Data tasks must both fit, or the job waits forever for resources. Test traffic must stay on loopback, so the
-    node, and the dashboard when wanted, bind 127.0.0.1. Does nothing when Ray is already initialised.
+    Data tasks must both fit, or the job waits forever for resources. It is this run's own instance
+    (:func:`start_local_ray`): every port on loopback, its own temp dir, leftovers of a killed run's instance
+    stopped first, and a refusal (:class:`RayInstanceConflict`) when another Ray runs on this machine. Does nothing
+    when Ray is already initialised.
     """
     import ray
 
@@ -65,15 +70,7 @@ def init_ray(cpus_needed: float = 0.0, *, dashboard: bool = False) -> None:
         ray.init(**({"log_to_driver": True} | quiet))
         _quiet_ray_data()
         return
-    object_store = min(2 << 30, int(os.environ.get("MAE_OBJECT_STORE_BYTES", DEFAULT_OBJECT_STORE_BYTES)))
-    ray.init(
-        num_cpus=max(4, int(cpus_needed + 0.999)),
-        _node_ip_address="127.0.0.1",
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        object_store_memory=object_store,
-        **quiet,
-    )
+    start_local_ray(num_cpus=max(4, int(cpus_needed + 0.999)), dashboard=dashboard, **quiet)
     _quiet_ray_data()
 
 

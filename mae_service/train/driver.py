@@ -162,14 +162,17 @@ def pretrain(
     resume_from, resume_fs, meta = _resume_point(cfg, run_name)
     start_step = meta.step if meta else 0
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    finished = meta is not None and start_step >= plan.total_steps
+    if not finished:
+        start_ray(cfg)  # before the MLflow run opens: a cluster that cannot run the job leaves no RUNNING record
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
-    if meta is not None and start_step >= plan.total_steps:
+    if finished:
+        assert meta is not None
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
         done = PretrainResult(
             run_name, run_id, tracking_uri, checkpoint_uri(t.storage_path, resume_from), start_step, meta.loss
         )
         return _finish_trained(cfg, done, resume_from, resume_fs, register)
-    start_ray(cfg)
     start_rows = start_step * plan.rows_per_step
     loop_config = _loop_config(cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id)
     logger.info(
