@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from mae_service.runtime import quiet_output
+from mae_service.runtime import ExitError, quiet_output
 
 COMMAND_MODULES = (
     "mae_service.train.commands",  # pretrain
@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"mae-service {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except ExitError as e:  # e.g. the tracking server lost after training: one line, the command's exit code
+        from mae_service.tracking.runs import redact
+
+        print(f"mae-service {args.command}: error: {redact(str(e))}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"mae-service {args.command}: interrupted", file=sys.stderr)
         return 130

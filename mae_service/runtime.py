@@ -16,6 +16,12 @@ _OUTPUT = {"quiet": False}
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "torch")
 
 
+class ExitError(RuntimeError):
+    """An error that ends a command with its one-line message and exit code ``code`` (not a traceback)."""
+
+    code = 2
+
+
 def quiet_output(quiet: bool = True) -> None:
     """Readable output for a person at a terminal: Ray's and MLflow's own lines (worker logs with their
     ``(RayTrainWorker pid=…)`` prefixes, Ray Data's plans and bars, MLflow's download bars) are hidden unless
