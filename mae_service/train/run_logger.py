@@ -346,7 +346,7 @@ class RunLogger:
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
         self._spool, self._spooled = spool, False
-        self._flush_timeout = flush_timeout
+        self.flush_timeout = flush_timeout
         self._step = 0
         self._sender = _Sender(self.client, where=f"tracking server {sanitize_uri(tracking_uri)}")
         if spool is not None:
@@ -393,7 +393,7 @@ class RunLogger:
     def flush(self) -> int:
         """Wait (at most the flush timeout) for the queued records; write what is left to the spool (or delete the
         spool when nothing is). Returns how many records are undelivered."""
-        left = self._sender.flush(self._flush_timeout)
+        left = self._sender.flush(self.flush_timeout)
         if self._spool is None:
             if left:
                 logger.warning("%d MLflow records not delivered yet (held in memory, retried)", len(left))
