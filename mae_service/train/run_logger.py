@@ -175,12 +175,15 @@ class _Sender:
         self._capacity = capacity
         self._spilled: list[dict[str, Any]] = []  # found the queue full: for the spool, sent after the queue
         self._backlog: list[dict[str, Any]] = []  # taken by the thread, not delivered yet (mutated by it only)
-        self._failures = 0  # failed delivery attempts so far
+        self._failed = 0  # the latest delivery attempt that failed
         self._online = True
         self._retry_s = RETRY_MIN_S
         self._next_try = 0.0
         self._kick = False
         self._closing = False
+        self._attempt = 0  # delivery attempts started
+        self._in_flight = False
+        self._stuck = -1  # the attempt a flush already timed out on (a hung server): later flushes do not wait
         self.delivered = 0
         self.spilled = 0
         self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
@@ -202,17 +205,22 @@ class _Sender:
         with self._cond:
             return [*self._backlog, *self._queue, *self._spilled]
 
-    def flush(self, timeout: float) -> list[dict[str, Any]]:
-        """Wait until everything queued is delivered, a delivery attempt made after this call fails, or
-        ``timeout`` s pass; returns what is still undelivered."""
+    def flush(self, timeout: float, *, patient: bool = False) -> list[dict[str, Any]]:
+        """Wait until everything queued is delivered, a delivery attempt begun after this call fails, or
+        ``timeout`` s pass; returns what is still undelivered. Unless ``patient`` (the last flush), no wait while
+        the attempt an earlier flush timed out on is still hanging."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            failures = self._failures
+            started = self._attempt  # an attempt in flight now does not count: it may have begun before a fault
             self._kick = True
             self._cond.notify_all()
-            while (self._queue or self._spilled or self._backlog) and self._failures == failures:
+            while (self._queue or self._spilled or self._backlog) and self._failed <= started:
+                if self._in_flight and self._attempt == self._stuck and not patient:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
+                    if self._in_flight:
+                        self._stuck = self._attempt
                     break
                 self._cond.wait(left)
         return self.undelivered()
@@ -244,10 +252,13 @@ class _Sender:
                 if not self._take():
                     return
                 chunk = next(_chunks(self._backlog))
+                self._attempt += 1
+                self._in_flight = True
             try:
                 send(self._client, chunk)
             except Exception as e:  # noqa: BLE001 - transient: keep everything, try again later
                 with self._cond:
+                    self._in_flight = False
                     if self._online:
                         logger.warning(
                             "MLflow %s unreachable (%s): %d records held, retried in the background",
@@ -256,12 +267,13 @@ class _Sender:
                             len(self._backlog),
                         )
                     self._online = False
-                    self._failures += 1
+                    self._failed = self._attempt
                     self._next_try = time.monotonic() + self._retry_s
                     self._retry_s = min(2 * self._retry_s, RETRY_MAX_S)
                     self._cond.notify_all()
                 continue
             with self._cond:
+                self._in_flight = False
                 del self._backlog[: len(chunk)]
                 self.delivered += len(chunk)
                 if not self._online:
@@ -390,10 +402,11 @@ class RunLogger:
             return
         self._sender.put(picture_record(self.run_id, f"reconstructions/step_{step:08d}.png", buf.getvalue()))
 
-    def flush(self) -> int:
+    def flush(self, *, last: bool = False) -> int:
         """Wait (at most the flush timeout) for the queued records; write what is left to the spool (or delete the
-        spool when nothing is). Returns how many records are undelivered."""
-        left = self._sender.flush(self.flush_timeout)
+        spool when nothing is). Returns how many records are undelivered. ``last``: the end of training, when a
+        request still hanging from an earlier checkpoint is waited for too (up to the timeout)."""
+        left = self._sender.flush(self.flush_timeout, patient=last)
         if self._spool is None:
             if left:
                 logger.warning("%d MLflow records not delivered yet (held in memory, retried)", len(left))
@@ -423,7 +436,7 @@ class RunLogger:
                 self._system.close()
             except Exception as e:  # noqa: BLE001
                 logger.warning("last system-metrics sample not taken: %s", e)
-        left = self.flush()
+        left = self.flush(last=True)
         self._sender.close()
         if left and self._spool is None:
             logger.warning("%d MLflow records could not be delivered and are lost", left)

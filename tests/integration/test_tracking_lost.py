@@ -22,6 +22,7 @@ import mlflow
 import pytest
 
 from mae_service.data.synth import synthesize
+from mae_service.train.spool import Spool
 from tests.servers import MlflowServer
 from tests.tiny import TINY_LOCAL
 
@@ -98,7 +99,9 @@ def test_server_killed_for_good_then_resubmit_finishes_the_record(
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
+    t0 = time.monotonic()
     rc, out, err = cli("pretrain", *args)
+    first_s = time.monotonic() - t0
     killer.join(30)
     assert killed.is_set(), (rc, err[-2000:])
     assert rc == 2, err[-3000:]
@@ -107,6 +110,11 @@ def test_server_killed_for_good_then_resubmit_finishes_the_record(
     for step in range(4, STEPS + 1, 4):  # every checkpoint written while the server was gone
         assert exists(f"ckpt/{name}/step_{step:08d}/meta.json"), step
     assert exists(f"ckpt/{name}/mlflow_spool.jsonl")
+    before = mlflow.MlflowClient(f"sqlite:///{own_mlflow.db_path}")  # the dead server's store, read directly
+    _, dead_run = _run(f"sqlite:///{own_mlflow.db_path}", experiment_name, name)
+    logged_before = len(before.get_metric_history(dead_run.info.run_id, "loss"))
+    assert dead_run.info.status == "RUNNING" and logged_before < STEPS
+    spooled = len(Spool(storage, name).read())
 
     own_mlflow.start()  # same port, same SQLite store, same S3 artifact root
     rc, out, err = cli("pretrain", *args)
@@ -123,6 +131,8 @@ def test_server_killed_for_good_then_resubmit_finishes_the_record(
     mv = client.get_model_version_by_alias(model, "current")
     assert mv.run_id == run.info.run_id and mv.tags["steps"] == str(STEPS)
     assert not exists(f"ckpt/{name}/mlflow_spool.jsonl")  # replayed, then deleted
+    print(f"FIGURES killed: first submission {first_s:.0f} s, exit 2; loss steps in MLflow before the resubmit "
+          f"{logged_before}/{STEPS}, after {len(loss)}/{STEPS}; {spooled} records spooled")  # fmt: skip
 
 
 def test_server_hung_mid_run_gets_every_metric_after_sigcont(
@@ -147,7 +157,9 @@ def test_server_hung_mid_run_gets_every_metric_after_sigcont(
 
     pauser = threading.Thread(target=pause_after_first_checkpoint, daemon=True)
     pauser.start()
+    t0 = time.monotonic()
     rc, out, err = cli("pretrain", *args)
+    run_s = time.monotonic() - t0
     pauser.join(60)
     assert "step12_while_paused" in seen, (seen, err[-3000:])  # training went on while the server hung
     assert rc == 0, err[-3000:]
@@ -159,6 +171,9 @@ def test_server_hung_mid_run_gets_every_metric_after_sigcont(
     assert pictures == {f"reconstructions/step_{s:08d}.png" for s in range(4, STEPS + 1, 4)}, pictures
     assert not (storage / name / "mlflow_spool.jsonl").exists()
     assert client.get_model_version_by_alias(model, "current").run_id == run.info.run_id
+    print(f"FIGURES hung: paused {seen['resumed'] - seen['paused']:.0f} s, step 12 checkpointed "
+          f"{seen['step12_while_paused'] - seen['paused']:.0f} s into the pause; run {run_s:.0f} s, exit {rc}; "
+          f"loss steps in MLflow {len(loss)}/{STEPS}")  # fmt: skip
 
 
 def test_run_logger_never_blocks_on_a_hung_server(own_mlflow, tmp_path):
@@ -169,7 +184,6 @@ def test_run_logger_never_blocks_on_a_hung_server(own_mlflow, tmp_path):
 
     from mae_service.model import create_model
     from mae_service.train.run_logger import RunLogger
-    from mae_service.train.spool import Spool
 
     client = mlflow.MlflowClient(own_mlflow.uri)
     run_id = client.create_run(client.create_experiment(f"logger-{uuid.uuid4().hex[:8]}")).info.run_id
@@ -196,6 +210,9 @@ def test_run_logger_never_blocks_on_a_hung_server(own_mlflow, tmp_path):
         held = logger.flush()  # bounded: returns while the server still hangs
         assert watchdog.is_alive(), "logging blocked until the watchdog resumed the server"
         assert held >= 201 and len(spool.read()) == held  # 199 metric batches, the picture, the tag
+        logger.flush_timeout = 600  # the next checkpoint's flush: the same request still hangs, so no wait at all
+        assert logger.flush() == held
+        assert watchdog.is_alive(), "the second flush waited on the request the first one gave up on"
     finally:
         watchdog.cancel()
         own_mlflow.resume()
