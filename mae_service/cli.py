@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from mae_service.runtime import offline_defaults, quiet_output
+from mae_service.runtime import ExitError, offline_defaults, quiet_output
 
 COMMAND_MODULES = (
     "mae_service.train.commands",  # pretrain
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"mae-service {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except ExitError as e:  # e.g. the tracking server lost after training: one line, the command's exit code
+        from mae_service.tracking.runs import redact
+
+        print(f"mae-service {args.command}: error: {redact(str(e))}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"mae-service {args.command}: interrupted", file=sys.stderr)
         return 130

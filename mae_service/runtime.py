@@ -33,6 +33,12 @@ def offline_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+class ExitError(RuntimeError):
+    """An error that ends a command with its one-line message and exit code ``code`` (not a traceback)."""
+
+    code = 2
+
+
 def quiet_output(quiet: bool = True) -> None:
     """Readable output for a person at a terminal: Ray's and MLflow's own lines (worker logs with their
     ``(RayTrainWorker pid=…)`` prefixes, Ray Data's plans and bars, MLflow's download bars) are hidden unless

@@ -123,28 +123,38 @@ class S3Server:
 
 
 class MlflowServer:
-    """``mlflow server`` on 127.0.0.1: SQLite backend store, artifacts proxied to the S3 server."""
+    """``mlflow server`` on 127.0.0.1: SQLite backend store, artifacts proxied to the S3 server.
 
-    def __init__(self, workdir: Path, s3: S3Server, bucket: str = "mlflow-artifacts"):
+    ``port``: a given port (default: a free one). :meth:`kill` and :meth:`start` stop and restart it on the same
+    port with the same store and artifact root; :meth:`pause`/:meth:`resume` SIGSTOP/SIGCONT its process group (a
+    hung server: connections are accepted by the kernel, never answered)."""
+
+    def __init__(self, workdir: Path, s3: S3Server, bucket: str = "mlflow-artifacts", port: int | None = None):
         s3.make_bucket(bucket)
-        self.port = free_port()
+        self.workdir, self.bucket = workdir, bucket
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self._log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115
-        env = {
+        self.db_path = workdir / "mlflow.db"
+        self._env = {
             **os.environ,
             **QUIET_ENV,
             **s3.env,
             "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again) and wait until it is healthy."""
+        self._log = open(self.workdir / "mlflow-server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
                 str(BIN / "mlflow"),
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{workdir / 'mlflow.db'}",
+                f"sqlite:///{self.db_path}",
                 "--artifacts-destination",
-                f"s3://{bucket}/artifacts",
+                f"s3://{self.bucket}/artifacts",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -154,13 +164,43 @@ class MlflowServer:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=self._env,
             start_new_session=True,
-            cwd=workdir,
+            cwd=self.workdir,
         )
         wait_http(f"{self.uri}/health", 90, self.proc)
 
+    def kill(self) -> None:
+        """SIGKILL the server's process group (a crash: no clean shutdown) and wait until its port is free."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+        self._log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+                try:
+                    s.bind(("127.0.0.1", self.port))
+                    return
+                except OSError:
+                    time.sleep(0.3)
+        raise TimeoutError(f"port {self.port} still in use 60 s after the MLflow server was killed")
+
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a paused server cannot handle SIGTERM
+            except ProcessLookupError:
+                pass
         stop_pid(self.proc)
         self._log.close()
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mae_service.config.fields import AUTH_ENV, adopt_credentials
 from mae_service.config.secrets import _SECRET_ENV, redact  # noqa: F401 - redact is this module's API too
+from mae_service.runtime import ExitError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -30,6 +31,11 @@ ROLE_TAG = "mae.role"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the whole config also goes in as config.yaml
 
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_?key|api_?key|session", re.IGNORECASE)
+
+
+class TrackingUnavailableError(ExitError):
+    """The tracking store stopped answering after training (or while its records were replayed): what could not be
+    recorded is kept in the run's MLflow spool, and a resubmit of the same command finishes the record (exit 2)."""
 
 
 # ---- keeping credentials out --------------------------------------------------------------------------------

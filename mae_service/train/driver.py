@@ -20,16 +20,19 @@ from mae_service.config import Config, ConfigError
 from mae_service.runtime import output_is_quiet
 from mae_service.tracking.runs import (
     RUN_NAME_TAG,
+    TrackingUnavailableError,
     clean_tags,
     connect,
     ensure_experiment,
     redact,
     resolve_tracking_uri,
     sanitize_uri,
+    tracking_problem,
 )
 from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint, storage_failure
 from mae_service.train.preflight import Inputs, plan_steps, preflight
 from mae_service.train.progress import ProgressBar
+from mae_service.train.spool import Spool
 from mae_service.train.trainer import ray_trainer, start_ray
 
 __all__ = ["PretrainResult", "plan_steps", "preflight", "pretrain", "register_from_checkpoint", "register_latest"]
@@ -118,7 +121,9 @@ def _trainer(
     )
 
 
-def _loop_config(cfg: Config, inputs: Inputs, *, start_rows: int, resume: tuple[Any, Any], run_id: str) -> dict:
+def _loop_config(
+    cfg: Config, inputs: Inputs, *, start_rows: int, resume: tuple[Any, Any], run_id: str, spool: Spool
+) -> dict:
     knn = None
     if inputs.val is not None:
         knn = {
@@ -138,6 +143,7 @@ def _loop_config(cfg: Config, inputs: Inputs, *, start_rows: int, resume: tuple[
         "tracking_uri": resolve_tracking_uri(cfg.mlflow.tracking_uri),
         "knn": knn,
         "config_yaml": config_yaml(cfg),
+        "spool": spool.to_dict(),
     }
 
 
@@ -166,6 +172,8 @@ def pretrain(
     if not finished:
         start_ray(cfg)  # before the MLflow run opens: a cluster that cannot run the job leaves no RUNNING record
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
+    spool = Spool(t.storage_path, run_name, cfg.data.s3_endpoint)
+    replay_spool(spool, tracking_uri)  # what an earlier submission could not record, into the same run
     if finished:
         assert meta is not None
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
@@ -174,7 +182,9 @@ def pretrain(
         )
         return _finish_trained(cfg, done, resume_from, resume_fs, register)
     start_rows = start_step * plan.rows_per_step
-    loop_config = _loop_config(cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id)
+    loop_config = _loop_config(
+        cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id, spool=spool
+    )
     logger.info(
         "run %s: %d steps (%d per epoch), %d workers, global batch %d (%d × %d accumulation), lr %.3g, %s%s",
         run_name,
@@ -192,7 +202,15 @@ def pretrain(
     with ProgressBar(plan.total_steps, start_step) if show_progress else nullcontext() as board:
         loop_config["progress"] = board
         trainer = _trainer(cfg, inputs, loop_config, run_name, start_rows, callbacks)
-        return _fit(cfg, trainer, out, register)
+        return _fit(cfg, trainer, out, register, spool)
+
+
+def replay_spool(spool: Spool, tracking_uri: str) -> int:
+    """Replay ``spool`` (the MLflow records a run could not deliver) into the tracking store; see
+    :func:`mae_service.train.run_logger.replay_spool`."""
+    from mae_service.train.run_logger import replay_spool as replay
+
+    return replay(spool, tracking_uri)
 
 
 def _finish_trained(cfg: Config, out: PretrainResult, path: str, fs: Any, register: bool | None) -> PretrainResult:
@@ -204,6 +222,8 @@ def _finish_trained(cfg: Config, out: PretrainResult, path: str, fs: Any, regist
     assert out.mlflow_run_id is not None
     status = "FAILED"
     try:
+        if out.checkpoint_uri:
+            client.set_tag(out.mlflow_run_id, "mae.checkpoint_uri", out.checkpoint_uri)
         if cfg.registry.register if register is None else register:
             out.model_version = register_from_checkpoint(cfg, Checkpoint(path, filesystem=fs), out)
         status = "FINISHED"
@@ -212,8 +232,12 @@ def _finish_trained(cfg: Config, out: PretrainResult, path: str, fs: Any, regist
     return out
 
 
-def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) -> PretrainResult:
-    """``trainer.fit()``, then the run's MLflow record and (``registry.register``) the encoder's registration."""
+def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None, spool: Spool) -> PretrainResult:
+    """``trainer.fit()``, then the run's MLflow record and (``registry.register``) the encoder's registration.
+
+    Training never depends on the tracking server: when it does not answer at the end, the checkpoint stays
+    written, what could not be recorded goes to ``spool``, and :class:`TrackingUnavailableError` says to resubmit
+    (which replays the spool, registers and closes the MLflow run)."""
     client = connect(out.tracking_uri, must_exist=False)[0]
     assert out.mlflow_run_id is not None
     t_fit = time.monotonic()
@@ -222,7 +246,7 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) 
         out.train_seconds = time.monotonic() - t_fit
         logger.info("training finished in %.0f s", out.train_seconds)
     except BaseException as e:
-        client.set_terminated(out.mlflow_run_id, status="FAILED")
+        _terminate_quietly(client, out, "FAILED")
         if problem := storage_failure(e, cfg.train.storage_path):
             raise ConfigError([problem]) from e
         raise
@@ -230,13 +254,50 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None) 
     out.metrics = dict(result.metrics or {})
     out.checkpoint_uri = checkpoint_uri(cfg.train.storage_path, ckpt.path if ckpt else None)
     out.step, out.loss = int(out.metrics.get("step", 0)), out.metrics.get("loss")
-    client.set_tag(out.mlflow_run_id, "mae.checkpoint_uri", out.checkpoint_uri or "")
+    from mlflow.exceptions import MlflowException
+
+    from mae_service.train.run_logger import bounded_http, is_transient, tag_record
+
+    problem = tracking_problem(out.tracking_uri, must_exist=False)
+    if problem is None:
+        try:
+            with bounded_http():
+                replay_spool(spool, out.tracking_uri)  # what rank 0 could not deliver before it finished
+                client.set_tag(out.mlflow_run_id, "mae.checkpoint_uri", out.checkpoint_uri or "")
+                try:
+                    if (cfg.registry.register if register is None else register) and ckpt is not None:
+                        out.model_version = register_from_checkpoint(cfg, ckpt, out)
+                finally:
+                    client.set_terminated(out.mlflow_run_id, status="FINISHED")
+            return out
+        except (MlflowException, OSError) as e:
+            problem = tracking_problem(out.tracking_uri, must_exist=False)
+            if problem is None or (isinstance(e, MlflowException) and not is_transient(e)):
+                raise
+    held = spool.read()
+    spool.write([*held, tag_record(out.mlflow_run_id, "mae.checkpoint_uri", out.checkpoint_uri or "")])
+    raise TrackingUnavailableError(
+        f"training finished at step {out.step} (checkpoint {out.checkpoint_uri}) but the MLflow tracking server "
+        f"{sanitize_uri(out.tracking_uri)} is unreachable; {len(held) + 1} records are kept in {spool.uri}: "
+        "resubmit the same command to finish the MLflow record"
+    )
+
+
+def _terminate_quietly(client: Any, out: PretrainResult, status: str) -> None:
+    """Close the MLflow run with ``status`` if the tracking store answers (a warning when it does not: the error
+    being raised is what the user needs to see)."""
+    from mae_service.train.run_logger import bounded_http
+
+    assert out.mlflow_run_id is not None
+    problem = tracking_problem(out.tracking_uri, must_exist=False)
     try:
-        if (cfg.registry.register if register is None else register) and ckpt is not None:
-            out.model_version = register_from_checkpoint(cfg, ckpt, out)
-    finally:
-        client.set_terminated(out.mlflow_run_id, status="FINISHED")
-    return out
+        if problem is None:
+            with bounded_http():
+                client.set_terminated(out.mlflow_run_id, status=status)
+            return
+    except Exception as e:  # noqa: BLE001
+        problem = str(e)
+    logger.warning("MLflow run %s not marked %s: %s", out.mlflow_run_id, status, redact(problem))
 
 
 def register_from_checkpoint(

@@ -29,6 +29,7 @@ from mae_service.train.checkpoint import (
 from mae_service.train.progress import post
 from mae_service.train.run_logger import RunLogger
 from mae_service.train.schedule import lr_at, make_optimizer, set_lr
+from mae_service.train.spool import spool_from_dict
 from mae_service.train.step import NonFiniteLossError, StepPlan, build_model, compile_model, optimizer_step
 
 if TYPE_CHECKING:
@@ -78,7 +79,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         w.ddp_model = compile_model(w.ddp_model)  # checkpoints keep saving w.model: the same key names
     batches = _batches(w, config["start_rows"])
     run = (
-        RunLogger(config["tracking_uri"], config["mlflow_run_id"], system_metrics=w.cfg.mlflow.log_system_metrics)
+        RunLogger(
+            config["tracking_uri"],
+            config["mlflow_run_id"],
+            system_metrics=w.cfg.mlflow.log_system_metrics,
+            spool=spool_from_dict(config.get("spool")),
+        )
         if w.rank == 0 and config.get("mlflow_run_id")
         else None
     )
@@ -285,7 +291,7 @@ def _checkpoint_and_report(w: Worker, run: RunLogger | None, config: dict[str, A
         if run is not None and knn:
             run.metrics(knn, w.step)
     if run is not None:
-        run.flush()  # the metrics up to this checkpoint are in MLflow before it exists
+        run.flush()  # the metrics up to this checkpoint are in MLflow (or in the run's spool) before it exists
     meta = CheckpointMeta(
         step=w.step,
         rows_per_rank=w.step * w.plan.rows_per_step,
