@@ -97,18 +97,23 @@ def test_register_list_show_download_load_through_the_server(registered, s3_serv
     assert describe(f"models:/{name}/1", tracking_uri=uri)["tags"]["eval.run_id"] == run_id
 
 
-def test_tampered_object_on_s3_is_refused(mlflow_server, s3_server):
-    uri = mlflow_server.uri
+def _register_and_find(mlflow_server, s3_server, seed, prefix, suffix):
+    """Register a tiny encoder through the server; return it and the S3 key of its artifact ending in ``suffix``."""
     reg = register(
-        tiny_mae(1),
-        tracking_uri=uri,
-        model_name=f"tamper-{uuid.uuid4().hex[:8]}",
+        tiny_mae(seed),
+        tracking_uri=mlflow_server.uri,
+        model_name=f"{prefix}-{uuid.uuid4().hex[:8]}",
         alias="current",
         run_id=None,
         tags={},
-        experiment=f"tamper-{uuid.uuid4().hex[:8]}",
+        experiment=f"{prefix}-{uuid.uuid4().hex[:8]}",
     )
-    key = next(k for k in _s3_keys(s3_server) if reg.model_id in k and k.endswith("artifacts/encoder.safetensors"))
+    return reg, next(k for k in _s3_keys(s3_server) if reg.model_id in k and k.endswith(suffix))
+
+
+def test_tampered_object_on_s3_is_refused(mlflow_server, s3_server):
+    uri = mlflow_server.uri
+    reg, key = _register_and_find(mlflow_server, s3_server, 1, "tamper", "artifacts/encoder.safetensors")
     c = s3_server.client()
     body = bytearray(c.get_object(Bucket="mlflow-artifacts", Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x01
@@ -119,16 +124,7 @@ def test_tampered_object_on_s3_is_refused(mlflow_server, s3_server):
 
 def test_tampered_pyfunc_code_on_s3_is_refused_and_never_runs(mlflow_server, s3_server, tmp_path):
     uri = mlflow_server.uri
-    reg = register(
-        tiny_mae(2),
-        tracking_uri=uri,
-        model_name=f"code-{uuid.uuid4().hex[:8]}",
-        alias="current",
-        run_id=None,
-        tags={},
-        experiment=f"code-{uuid.uuid4().hex[:8]}",
-    )
-    key = next(k for k in _s3_keys(s3_server) if reg.model_id in k and k.endswith("/encoder_pyfunc.py"))
+    reg, key = _register_and_find(mlflow_server, s3_server, 2, "code", "/encoder_pyfunc.py")
     marker = tmp_path / "injected-code-ran"
     c = s3_server.client()
     code = c.get_object(Bucket="mlflow-artifacts", Key=key)["Body"].read().decode()
