@@ -4,7 +4,9 @@
 the S3 server every 4 steps, tracking on the MLflow server. Once the step-8 checkpoint is written and MLflow holds
 ``loss`` of a step after it, the whole process group is SIGKILLed (a driver host lost). The same command then:
 
-- stops what the killed driver's Ray left (:mod:`mae_service.local_ray`) and continues from the latest checkpoint;
+- stops what the killed driver's Ray left (:mod:`mae_service.local_ray`) and continues from the latest complete
+  checkpoint (also when Ray Train's persisted run state names an older one: a kill after Ray Train wrote a
+  checkpoint but before it registered it);
 - continues the same MLflow run (one run) to FINISHED, with every ``loss`` step exactly once: the steps the killed
   submission recorded after its last checkpoint are re-trained but not recorded again (a step keeps its first value);
 - writes the remaining checkpoints into the same folder, up to the same final step;
@@ -81,6 +83,13 @@ def _wait_for(condition, proc, timeout, what):
         time.sleep(0.2)
 
 
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _runs(uri, experiment, run_name):
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -131,14 +140,15 @@ def test_killed_driver_resubmitted_continues_the_same_run_exactly(
     assert first.info.status == "RUNNING"  # nobody closed it
     recorded = metric_steps(mlflow_server.uri, first.info.run_id, "loss")
     at_kill = checkpoints("killed")
-    assert at_kill[:2] == [4, 8] and max(recorded) > max(at_kill) and max(at_kill) < STEPS, (at_kill, recorded)
+    assert at_kill[:2] == [4, 8] and max(recorded) > 8 and max(at_kill) < STEPS, (at_kill, recorded)
     leftovers = [p.pid for p in processes_under(killed_dir)] if killed_dir.exists() else []
 
     t0 = time.monotonic()
     resubmit = _run_to_end(cmd, env)
     resubmit_s = time.monotonic() - t0
-    assert "continuing from step" in resubmit.stderr, resubmit.stderr[-3000:]
-    assert not [p for p in leftovers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    resumed_from = next((line for line in resubmit.stderr.splitlines() if "continuing from step" in line), None)
+    assert resumed_from, resubmit.stderr[-3000:]
+    assert not [p for p in leftovers if _alive(p)], leftovers
     assert not killed_dir.exists() or not processes_under(killed_dir)
 
     runs = _runs(mlflow_server.uri, experiment_name, "killed")
@@ -158,6 +168,5 @@ def test_killed_driver_resubmitted_continues_the_same_run_exactly(
     print(
         f"FIGURES driver killed: uninterrupted {whole_s:.0f} s; killed {killed_s:.0f} s after start with "
         f"checkpoints {at_kill} and loss steps 1–{max(recorded)} in MLflow; {len(leftovers)} Ray processes left "
-        f"behind, stopped by the resubmit; resubmit {resubmit_s:.0f} s, re-trained steps "
-        f"{max(at_kill) + 1}–{max(recorded)} not recorded again; final weights bit-equal"
+        f"behind, stopped by the resubmit; resubmit {resubmit_s:.0f} s; {resumed_from}; final weights bit-equal"
     )
