@@ -192,6 +192,34 @@ def _create_version(
     )
 
 
+CHECKPOINT_SHA_TAG = "checkpoint_sha256"  # sha256 of the checkpoint's model.safetensors, as its meta.json records it
+# What makes two versions the same weights. Not the staged files' sha256: safetensors writes its header metadata in
+# a varying order, so the same weights staged twice hash differently.
+IDENTITY_TAGS = ("source_run", "checkpoint_uri", "steps", CHECKPOINT_SHA_TAG)
+
+
+def registered_before(client: MlflowClient, model_name: str, run_id: str, tags: dict[str, str]) -> ModelVersion | None:
+    """The complete version of ``model_name`` already made from these weights of run ``run_id`` (the same source run,
+    checkpoint URI, step and checkpoint weights sha256 as ``tags``; None when ``tags`` lacks one of them), or None: registering is idempotent, so a resubmitted run
+    whose registration was cut short (tracking server lost after the version was created, before the alias was set
+    or the run closed) reuses its version instead of registering the same weights twice."""
+    from mlflow.exceptions import MlflowException
+
+    if not all(tags.get(k) for k in IDENTITY_TAGS):
+        return None
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except MlflowException as e:
+        if error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    for mv in sorted(found, key=lambda v: int(v.version)):
+        same = all(mv.tags.get(k) == tags.get(k) for k in IDENTITY_TAGS)
+        if same and mv.tags.get(FILES_SHA_TAG) and str(mv.status) == "READY":
+            return mv
+    return None
+
+
 def _checked_mae(model: nn.Module, model_name: str, alias: str) -> MaskedAutoencoder:
     from mae_service.model.export import is_mae, unwrap
 
@@ -237,12 +265,18 @@ def register_encoder(
                 **clean_tags({**derived, **tags}),
                 **clean_tags({"source_run": run_id, KIND_TAG: KIND, **shas}),
             }
-            model_id, files = _log_model(client, mae, exp_id, run_id, tmp, version_tags)
-        version_tags[FILES_SHA_TAG] = json.dumps(files, sort_keys=True, separators=(",", ":"))
-        if own_run:
-            client.set_terminated(run_id)
-        description = f"{derived['timm_name']} ({derived['model_name']}, {mae.img_size}px) from run {run_id}"
-        mv = _create_version(client, model_name, model_id, run_id, version_tags, description)
+            mv = None if own_run else registered_before(client, model_name, run_id, version_tags)
+            if mv is None:
+                model_id, files = _log_model(client, mae, exp_id, run_id, tmp, version_tags)
+        if mv is not None:  # a resubmit of a run whose registration was cut short: the same version, not a second
+            logger.info("run %s's weights are already version %s of %s: reused", run_id, mv.version, model_name)
+            model_id, version_tags = str(mv.model_id or ""), dict(mv.tags)
+        else:
+            version_tags[FILES_SHA_TAG] = json.dumps(files, sort_keys=True, separators=(",", ":"))
+            if own_run:
+                client.set_terminated(run_id)
+            description = f"{derived['timm_name']} ({derived['model_name']}, {mae.img_size}px) from run {run_id}"
+            mv = _create_version(client, model_name, model_id, run_id, version_tags, description)
         client.set_registered_model_alias(model_name, alias, str(mv.version))
     except MlflowException as e:
         raise ValueError(f"registering {model_name!r} at {uri} failed: {first_line(e)}") from None

@@ -174,6 +174,7 @@ def pretrain(
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
     spool = Spool(t.storage_path, run_name, cfg.data.s3_endpoint)
     replay_spool(spool, tracking_uri)  # what an earlier submission could not record, into the same run
+    recorded = recorded_through(tracking_uri, run_id) if meta is not None else 0
     if finished:
         assert meta is not None
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
@@ -185,6 +186,15 @@ def pretrain(
     loop_config = _loop_config(
         cfg, inputs, start_rows=start_rows, resume=(resume_from, resume_fs), run_id=run_id, spool=spool
     )
+    if recorded > start_step:
+        logger.info(
+            "run %s: steps %d–%d are already in MLflow (trained before the last checkpoint was lost to an "
+            "interruption): they are re-trained but not recorded again",
+            run_name,
+            start_step + 1,
+            recorded,
+        )
+    loop_config["recorded_through"] = recorded
     logger.info(
         "run %s: %d steps (%d per epoch), %d workers, global batch %d (%d × %d accumulation), lr %.3g, %s%s",
         run_name,
@@ -203,6 +213,20 @@ def pretrain(
         loop_config["progress"] = board
         trainer = _trainer(cfg, inputs, loop_config, run_name, start_rows, callbacks)
         return _fit(cfg, trainer, out, register, spool)
+
+
+def recorded_through(tracking_uri: str, run_id: str) -> int:
+    """The last step of run ``run_id``'s ``loss`` history in MLflow (0 when none).
+
+    A resubmitted run restarts from its latest checkpoint; the steps an interrupted submission trained and
+    recorded after that checkpoint are trained again, and rank 0 does not record them a second time (MLflow
+    would keep both points of a step): a step in MLflow keeps its first value."""
+    from mae_service.train.run_logger import bounded_http
+
+    client = connect(tracking_uri, must_exist=False)[0]
+    with bounded_http():
+        history = client.get_metric_history(run_id, "loss")
+    return max((int(m.step) for m in history), default=0)
 
 
 def replay_spool(spool: Spool, tracking_uri: str) -> int:
@@ -312,6 +336,7 @@ def register_from_checkpoint(
     lineage."""
     from mae_service.model import create_model
     from mae_service.tracking import register_encoder
+    from mae_service.tracking.register import CHECKPOINT_SHA_TAG
     from mae_service.train.checkpoint import load_model_weights, read_meta
 
     with ckpt.as_directory() as d:
@@ -327,6 +352,9 @@ def register_from_checkpoint(
         "run_name": result.run_name,
         "model_name": cfg.model.name,
     }
+    weights = (meta.files or {}).get("model.safetensors") or {}
+    if weights.get("sha256"):  # what makes a resubmit's registration reuse this version (see registered_before)
+        tags[CHECKPOINT_SHA_TAG] = str(weights["sha256"])
     if result.metrics and "knn_top1" in result.metrics:
         tags["knn_top1"] = f"{result.metrics['knn_top1']:.4f}"
     tags.update(extra_tags or {})

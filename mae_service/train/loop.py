@@ -84,6 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             config["mlflow_run_id"],
             system_metrics=w.cfg.mlflow.log_system_metrics,
             spool=spool_from_dict(config.get("spool")),
+            recorded_through=int(config.get("recorded_through") or 0),
         )
         if w.rank == 0 and config.get("mlflow_run_id")
         else None
@@ -139,15 +140,28 @@ def _restore(w: Worker, config: dict[str, Any]) -> None:
 
 
 def resume_checkpoint(config: dict[str, Any]) -> Any:
-    """The checkpoint a rank starts from: Ray Train's own (after a worker failure), else the resubmitted run's
-    latest one (``config["resume_from"]``), else None."""
+    """The checkpoint a rank starts from: the newer of Ray Train's own (after a worker failure) and the resubmitted
+    run's latest one (``config["resume_from"]``), else None.
+
+    Ray Train's own can be the older one: a resubmit after the driver was killed restores the run state Ray Train
+    persisted, whose latest checkpoint may predate one the killed driver wrote completely but had not registered."""
     import ray.train
     from ray.train import Checkpoint
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_from"):
-        ckpt = Checkpoint(config["resume_from"], filesystem=config.get("resume_filesystem"))
+    if not config.get("resume_from"):
+        return ckpt
+    latest = Checkpoint(config["resume_from"], filesystem=config.get("resume_filesystem"))
+    if ckpt is None or _step_of(ckpt.path) < _step_of(latest.path):
+        return latest
     return ckpt
+
+
+def _step_of(path: str) -> int:
+    """The step of a checkpoint folder named :func:`step_dir_name` (-1 for another name)."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("step_")
+    return int(digits) if name.startswith("step_") and digits.isdigit() else -1
 
 
 def _batches(w: Worker, start_rows: int):

@@ -337,7 +337,8 @@ class RunLogger:
     """Logs into MLflow run ``run_id`` at ``tracking_uri`` (rank 0 only; other ranks hold no logger).
 
     ``spool``: where undelivered records are kept between checkpoints (None: in memory only). Records already in
-    it (a previous rank 0 of this run was restarted) are sent first."""
+    it (a previous rank 0 of this run was restarted) are sent first. ``recorded_through``: the last step already
+    in MLflow (an interrupted submission of the run got that far): metrics of steps up to it are not sent again."""
 
     def __init__(
         self,
@@ -347,6 +348,7 @@ class RunLogger:
         system_metrics: bool,
         spool: Spool | None = None,
         flush_timeout: float = FLUSH_TIMEOUT_S,
+        recorded_through: int = 0,
     ):
         bound_http_requests()  # this process is a Ray Train worker: its MLflow requests are all ours
         import mlflow
@@ -360,6 +362,7 @@ class RunLogger:
         self._spool, self._spooled = spool, False
         self.flush_timeout = flush_timeout
         self._step = 0
+        self.recorded_through = recorded_through
         self._sender = _Sender(self.client, where=f"tracking server {sanitize_uri(tracking_uri)}")
         if spool is not None:
             try:
@@ -378,8 +381,10 @@ class RunLogger:
                 logger.warning("system metrics disabled: %s", e)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        """Queue ``values`` at ``step`` (sent in the background)."""
+        """Queue ``values`` at ``step`` (sent in the background; not when ``step`` is already recorded)."""
         self._step = max(self._step, step)
+        if step <= self.recorded_through:
+            return
         self._sender.put(metrics_record(self.run_id, values, step))
 
     def tag(self, key: str, value: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from mae_service.config import build_config
 from mae_service.data.synth import synthesize
-from mae_service.train.checkpoint import CheckpointMeta, save_checkpoint, step_dir_name
+from mae_service.train.checkpoint import CheckpointMeta, read_meta, save_checkpoint, step_dir_name
 from mae_service.train.driver import open_mlflow_run, pretrain
 from mae_service.train.preflight import preflight
 from mae_service.train.schedule import make_optimizer
@@ -76,3 +76,51 @@ def test_resubmitted_finished_run_without_registration_still_finishes(finished_r
     result = pretrain(cfg("registry.register=false"))
     assert result.model_version is None
     assert mlflow.MlflowClient(cfg().mlflow.tracking_uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_resubmit_after_a_registration_cut_short_reuses_its_version(finished_run):
+    """The tracking server lost after ``create_model_version``, before the alias was set and the run closed: the
+    resubmit finds the version made from the same run, checkpoint and weights, points the alias at it and closes
+    the run; a later resubmit with another alias also points at that version. One version in all."""
+    cfg, run_id, steps = finished_run
+    first = pretrain(cfg("registry.alias=first"))
+    version = first.model_version.version
+    client = mlflow.MlflowClient(cfg().mlflow.tracking_uri)
+    client.delete_registered_model_alias("resubmit-enc", "first")  # what the lost server never got
+    client.update_run(run_id, status="RUNNING")
+
+    again = pretrain(cfg("registry.alias=first"))
+    assert again.model_version.version == version
+    assert [int(v.version) for v in client.search_model_versions("name = 'resubmit-enc'")] == [version]
+    assert int(client.get_model_version_by_alias("resubmit-enc", "first").version) == version
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert again.model_version.weights_sha256 == first.model_version.weights_sha256
+
+    other = pretrain(cfg("registry.alias=second"))
+    assert other.model_version.version == version
+    assert [int(v.version) for v in client.search_model_versions("name = 'resubmit-enc'")] == [version]
+    assert client.get_registered_model("resubmit-enc").aliases == {"first": version, "second": version}
+
+
+def test_other_weights_of_the_same_run_get_a_new_version(finished_run, tmp_path):
+    """Idempotent for the same weights only: the run's final checkpoint rewritten with other weights (same step,
+    same folder) is registered as a new version."""
+    import shutil
+
+    import torch
+
+    cfg, run_id, steps = finished_run
+    first = pretrain(cfg("registry.alias=first"))
+    folder = tmp_path / "ck" / "done" / step_dir_name(steps)
+    meta = read_meta(folder)
+    model = build_model(cfg())
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95))
+    shutil.rmtree(folder)
+    save_checkpoint(folder, model=model, optimizer=opt, scaler=None, meta=meta)
+    again = pretrain(cfg("registry.alias=first"))
+    assert again.model_version.version == first.model_version.version + 1
+    assert again.model_version.weights_sha256 != first.model_version.weights_sha256
+    client = mlflow.MlflowClient(cfg().mlflow.tracking_uri)
+    assert int(client.get_model_version_by_alias("resubmit-enc", "first").version) == again.model_version.version

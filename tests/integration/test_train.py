@@ -15,6 +15,7 @@ import pytest
 from mae_service.config import build_config
 from mae_service.data.synth import synthesize
 from mae_service.train.driver import pretrain
+from tests.exact import metric_history
 from tests.tiny import TINY_MODEL
 
 TINY = [
@@ -32,11 +33,6 @@ def local_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     synthesize(str(out), num_images=64, image_size=32, classes=4, fmt="files", seed=1, val_fraction=0.25)
     return out
-
-
-def _history(tracking_uri, run_id, key):
-    client = mlflow.MlflowClient(tracking_uri)
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
 def test_pretrain_on_s3_with_mlflow_server(ray_local, s3_server, s3_bucket, mlflow_server, experiment_name):
@@ -63,12 +59,12 @@ def test_pretrain_on_s3_with_mlflow_server(ray_local, s3_server, s3_bucket, mlfl
     result = pretrain(cfg)
     assert result.step == 24  # 72 train images / 2 ranks → 32 rows (4 micro-batches of 8) per rank per epoch × 6
 
-    loss = _history(mlflow_server.uri, result.mlflow_run_id, "loss")
+    loss = metric_history(mlflow_server.uri, result.mlflow_run_id, "loss")
     assert sorted(loss) == list(range(1, 25))
     first, last = [loss[s] for s in range(1, 5)], [loss[s] for s in range(21, 25)]
     assert sum(last) / 4 < 0.9 * sum(first) / 4, loss
     for key in ("lr", "images_per_s", "data_wait_frac", "knn_top1"):
-        assert _history(mlflow_server.uri, result.mlflow_run_id, key), key
+        assert metric_history(mlflow_server.uri, result.mlflow_run_id, key), key
 
     client = mlflow.MlflowClient(mlflow_server.uri)
     run = client.get_run(result.mlflow_run_id)
@@ -113,8 +109,8 @@ def test_resumed_run_reproduces_the_uninterrupted_run(ray_local, local_data, tmp
     assert rest.step == 12 and rest.mlflow_run_id == part.mlflow_run_id  # the same MLflow run continues
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    a = _history(uri, full.mlflow_run_id, "loss")
-    b = _history(uri, rest.mlflow_run_id, "loss")
+    a = metric_history(uri, full.mlflow_run_id, "loss")
+    b = metric_history(uri, rest.mlflow_run_id, "loss")
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
@@ -166,6 +162,6 @@ def test_sigkilled_worker_is_recovered(ray_local, local_data, tmp_path):
     result = out["result"]
     assert result.step == 18
     assert (tmp_path / "ck" / "killed" / "step_00000018" / "model.safetensors").is_file()
-    loss = _history(f"sqlite:///{tmp_path / 'mlflow.db'}", result.mlflow_run_id, "loss")
+    loss = metric_history(f"sqlite:///{tmp_path / 'mlflow.db'}", result.mlflow_run_id, "loss")
     assert sorted(loss) == list(range(1, 19))
     assert time.monotonic() > killed_at

@@ -108,3 +108,23 @@ def test_spool_uri_names_the_run_folder(storage, tmp_path, monkeypatch):
         assert uri == f"s3://bucket/prefix/run-b/{SPOOL_FILE}"
     else:
         assert uri == str(tmp_path / "relative" / "ck" / "run-b" / SPOOL_FILE)
+
+
+def test_steps_already_recorded_are_not_sent_again(tmp_path):
+    """A resubmit after a lost driver: steps up to ``recorded_through`` (in MLflow already) are dropped, later ones
+    sent; into a real SQLite store."""
+    import mlflow
+
+    from mae_service.train.run_logger import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("recorded")).info.run_id
+    for step in (1, 2, 3):  # what the killed submission recorded
+        client.log_metric(run_id, "loss", 1.0 / step, step=step)
+    logger = RunLogger(uri, run_id, system_metrics=False, recorded_through=3)
+    for step in range(2, 7):  # re-trained from the step-1 checkpoint: 2 and 3 again, then new steps
+        logger.metrics({"loss": 10.0 + step}, step)
+    assert logger.close() == 0
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 14.0), (5, 15.0), (6, 16.0)]

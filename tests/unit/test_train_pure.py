@@ -206,3 +206,10 @@ def test_step_plan_is_the_one_step_count():
 def test_secrets_in_env_are_redacted(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-123")
     assert redact("endpoint http://u:p@host:9000 key s3cr3t-value-123") == "endpoint http://host:9000 key <redacted>"
+
+
+def test_step_of_a_checkpoint_folder():
+    from mae_service.train.loop import _step_of
+
+    assert _step_of("s3://b/ck/run/step_00000012") == 12 and _step_of("/ck/run/step_00000008/") == 8
+    assert _step_of("/ck/run/checkpoint_2026") == -1 and _step_of("/ck/run/step_x") == -1
