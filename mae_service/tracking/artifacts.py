@@ -83,8 +83,10 @@ def stage_files(model: MaskedAutoencoder, out: Path) -> dict[str, str]:
 
     enc_state = {k: v.detach().cpu().contiguous() for k, v in model.encoder_state_dict_timm().items()}
     mae_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(enc_state, str(out / ENCODER_FILE), metadata={"format": FORMAT, "layout": "timm"})
-    save_file(mae_state, str(out / MAE_FILE), metadata={"format": FORMAT, "layout": "mae"})
+    # One metadata entry each: safetensors writes its metadata map in an arbitrary order, so with two entries the
+    # same weights could give two different files (and checksums) from one save to the next.
+    save_file(enc_state, str(out / ENCODER_FILE), metadata={"format": f"{FORMAT} timm"})
+    save_file(mae_state, str(out / MAE_FILE), metadata={"format": f"{FORMAT} mae"})
     arch = _architecture(model, out)
     (out / ARCH_FILE).write_text(json.dumps(arch, indent=2, sort_keys=True) + "\n")
     return {

@@ -129,7 +129,7 @@ def decoded_batches(batches, *, seed: int, size: int, device: torch.device | str
         images, bad_here = decode_batch(b["data"], b["item_id"], b["epoch"], seed=seed, size=size, device=device)
         yield {
             "image": images,
-            "label": torch.as_tensor(b["label"]),
-            "epoch": torch.as_tensor(b["epoch"]),
-            "n_bad": torch.as_tensor(b["n_bad"]) + bad_here,
+            "label": torch.tensor(b["label"]),  # copies: Ray's zero-copy arrays are read-only
+            "epoch": torch.tensor(b["epoch"]),
+            "n_bad": torch.tensor(b["n_bad"]) + bad_here,
         }

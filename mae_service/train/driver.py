@@ -174,7 +174,7 @@ def pretrain(
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, mlflow_tags, amp=inputs.amp)
     spool = Spool(t.storage_path, run_name, cfg.data.s3_endpoint)
     replay_spool(spool, tracking_uri)  # what an earlier submission could not record, into the same run
-    recorded = recorded_through(tracking_uri, run_id) if meta is not None else 0
+    recorded = recorded_through(tracking_uri, run_id) if meta is not None else -1
     if finished:
         assert meta is not None
         logger.info("run %s is already at step %d of %d: nothing to train", run_name, start_step, plan.total_steps)
@@ -216,7 +216,7 @@ def pretrain(
 
 
 def recorded_through(tracking_uri: str, run_id: str) -> int:
-    """The last step of run ``run_id``'s ``loss`` history in MLflow (0 when none).
+    """The last step of run ``run_id``'s ``loss`` history in MLflow (-1 when none).
 
     A resubmitted run restarts from its latest checkpoint; the steps an interrupted submission trained and
     recorded after that checkpoint are trained again, and rank 0 does not record them a second time (MLflow
@@ -226,7 +226,7 @@ def recorded_through(tracking_uri: str, run_id: str) -> int:
     client = connect(tracking_uri, must_exist=False)[0]
     with bounded_http():
         history = client.get_metric_history(run_id, "loss")
-    return max((int(m.step) for m in history), default=0)
+    return max((int(m.step) for m in history), default=-1)
 
 
 def replay_spool(spool: Spool, tracking_uri: str) -> int:

@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             config["mlflow_run_id"],
             system_metrics=w.cfg.mlflow.log_system_metrics,
             spool=spool_from_dict(config.get("spool")),
-            recorded_through=int(config.get("recorded_through") or 0),
+            recorded_through=int(config.get("recorded_through", -1)),
         )
         if w.rank == 0 and config.get("mlflow_run_id")
         else None

@@ -338,7 +338,8 @@ class RunLogger:
 
     ``spool``: where undelivered records are kept between checkpoints (None: in memory only). Records already in
     it (a previous rank 0 of this run was restarted) are sent first. ``recorded_through``: the last step already
-    in MLflow (an interrupted submission of the run got that far): metrics of steps up to it are not sent again."""
+    in MLflow (an interrupted submission of the run got that far; -1: none): metrics of steps up to it are not sent
+    again."""
 
     def __init__(
         self,
@@ -348,7 +349,7 @@ class RunLogger:
         system_metrics: bool,
         spool: Spool | None = None,
         flush_timeout: float = FLUSH_TIMEOUT_S,
-        recorded_through: int = 0,
+        recorded_through: int = -1,
     ):
         bound_http_requests()  # this process is a Ray Train worker: its MLflow requests are all ours
         import mlflow

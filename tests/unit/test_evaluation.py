@@ -256,3 +256,16 @@ def test_evaluation_package_is_lazy_and_imports_nothing_above_it():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_staged_files_are_byte_identical_from_one_save_to_the_next(tmp_path):
+    """The registry checks and compares checksums: the same weights must give the same files every time (a
+    resubmit's registration reuses a version only when they do)."""
+    from mae_service.tracking.artifacts import stage_files
+
+    model = _tiny_mae()
+    shas = set()
+    for i in range(12):
+        (tmp_path / str(i)).mkdir()
+        shas.add(tuple(sorted(stage_files(model, tmp_path / str(i)).items())))
+    assert len(shas) == 1

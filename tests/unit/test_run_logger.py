@@ -128,3 +128,21 @@ def test_steps_already_recorded_are_not_sent_again(tmp_path):
     assert logger.close() == 0
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
     assert history == [(1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 14.0), (5, 15.0), (6, 16.0)]
+
+
+def test_a_fresh_run_records_step_zero(tmp_path):
+    """Nothing recorded yet (the default): a metric at step 0 (fine-tuning's evaluation before training) is sent."""
+    import mlflow
+
+    from mae_service.train.driver import recorded_through
+    from mae_service.train.run_logger import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("fresh")).info.run_id
+    assert recorded_through(uri, run_id) == -1
+    logger = RunLogger(uri, run_id, system_metrics=False)
+    for step in (0, 1):
+        logger.metrics({"val_top1": 0.5 + step / 10}, step)
+    assert logger.close() == 0
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_top1")) == [0, 1]
