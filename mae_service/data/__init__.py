@@ -39,6 +39,8 @@ _EXPORTS = {  # name → module; FORMATS is formats.NAMES
     "train_dataset": "mae_service.data.pipeline",
     "eval_dataset": "mae_service.data.pipeline",
     "ingest_options": "mae_service.data.pipeline",
+    "decode_tasks_per_rank": "mae_service.data.pipeline",
+    "local_cpus_needed": "mae_service.data.pipeline",
     "filesystem_for": "mae_service.data.storage",
     "BadImageError": "mae_service.data.decode",
     "decode_image": "mae_service.data.decode",
@@ -57,6 +59,8 @@ __all__ = [
     "eval_dataset",
     "filesystem_for",
     "ingest_options",
+    "decode_tasks_per_rank",
+    "local_cpus_needed",
     "open_source",
     "random_resized_crop",
     "samples_per_rank",
@@ -67,7 +71,13 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from mae_service.data.decode import BadImageError, center_crop, decode_image, random_resized_crop
     from mae_service.data.formats import NAMES as FORMATS
-    from mae_service.data.pipeline import eval_dataset, ingest_options, train_dataset
+    from mae_service.data.pipeline import (
+        decode_tasks_per_rank,
+        eval_dataset,
+        ingest_options,
+        local_cpus_needed,
+        train_dataset,
+    )
     from mae_service.data.source import Shard, Source, open_source, samples_per_rank
     from mae_service.data.storage import filesystem_for
     from mae_service.data.synth import synthesize

@@ -12,8 +12,15 @@ from mae_service.runtime import init_ray, resource_problems
 def start_ray(cfg: Config) -> None:
     """Start (or join) Ray with room for the run's workers and its decoding; ConfigError when the cluster can never
     schedule them (instead of waiting forever)."""
+    from mae_service.data import local_cpus_needed
+
     t = cfg.train
-    init_ray(t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus + 1, dashboard=True)
+    init_ray(
+        local_cpus_needed(
+            num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, decode_cpus=cfg.data.decode_cpus
+        ),
+        dashboard=True,
+    )
     problems = resource_problems(
         num_workers=t.num_workers,
         cpus_per_worker=t.cpus_per_worker,
@@ -47,10 +54,17 @@ def ray_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mae_service.data import ingest_options, train_dataset
+    from mae_service.data import decode_tasks_per_rank, ingest_options, train_dataset
     from mae_service.data.storage import filesystem_for
+    from mae_service.runtime import cluster_cpus_gpus
 
     t = cfg.train
+    max_tasks = decode_tasks_per_rank(
+        cluster_cpus_gpus()[0],
+        num_workers=t.num_workers,
+        cpus_per_worker=t.cpus_per_worker,
+        decode_cpus=cfg.data.decode_cpus,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False  # the training loop logs progress
     datasets = {
         f"train_{r}": train_dataset(
@@ -64,6 +78,7 @@ def ray_trainer(
             start_sample=start_rows,
             decode_cpus=cfg.data.decode_cpus,
             decode_device=decode_device,
+            max_tasks=max_tasks,
         )
         for r in range(t.num_workers)
     }

@@ -87,3 +87,53 @@ def test_rank_jobs_carry_their_share_of_the_listing(tmp_path):
     assert len(keys) == len(set(keys)) == 10_000 and set(keys) == set(listing)
     key_bytes = sum(len(k) for k in listing) - 10_000 * len(f"{tmp_path}/")
     assert whole < key_bytes + 10_000 * 20, "compact: the keys' own bytes and ~16 more each, not an object per key"
+
+
+@pytest.mark.parametrize(
+    "cpus,workers,per_worker,decode,expected",
+    [(7, 2, 1, 1, 1), (64, 8, 1, 1, 6), (4, 3, 1, 1, 1), (10, 2, 1, 0.5, 7), (2, 2, 1, 1, 1)],
+)
+def test_each_rank_gets_its_part_of_the_decode_cpus(cpus, workers, per_worker, decode, expected):
+    """Every rank's stream may start its part of the free CPUs' decode tasks less one (never less than one), so
+    even with one more task per rank still holding a CPU, no rank's read-ahead takes the CPUs another rank needs;
+    the local Ray is sized so that holds for the smallest cap."""
+    from mae_service.data.pipeline import decode_tasks_per_rank, local_cpus_needed
+
+    n = decode_tasks_per_rank(cpus, num_workers=workers, cpus_per_worker=per_worker, decode_cpus=decode)
+    assert n == expected
+    free = cpus - workers * per_worker
+    assert n == 1 or (n + 1) * workers * decode <= free
+    local = local_cpus_needed(num_workers=workers, cpus_per_worker=per_worker, decode_cpus=decode)
+    assert local - workers * per_worker >= 2 * workers * decode
+
+
+def test_idle_backoff_pauses_only_between_rounds_that_returned_at_once(monkeypatch):
+    """The callback sleeps after a scheduling round that came straight back (the spin), never after one that
+    waited; the clock and the sleep are recorded, not real."""
+    import mae_service.data.idle_backoff as ib
+
+    clock = [100.0]
+    slept: list[float] = []
+    monkeypatch.setattr(ib.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ib.time, "sleep", lambda s: slept.append(s))
+    cb = ib.IdleBackoff()
+    clock[0] += 0.1  # a round that waited 100 ms in ray.wait
+    cb.on_execution_step(None)
+    assert slept == []
+    clock[0] += 0.0002  # a round that came straight back
+    cb.on_execution_step(None)
+    assert slept == [ib.IdleBackoff.PAUSE_S]
+
+
+def test_train_stream_caps_its_tasks_and_backs_off_when_idle(tmp_path):
+    """The dataset a rank trains on carries both: the task cap (TaskPoolStrategy) and the idle back-off."""
+    from mae_service.data import open_source, train_dataset
+    from mae_service.data.idle_backoff import IdleBackoff
+    from mae_service.data.synth import synthesize
+
+    synthesize(str(tmp_path), num_images=12, image_size=16, classes=2, fmt="files", seed=0)
+    src = open_source(str(tmp_path), fmt="files")
+    ds = train_dataset(src, rank=0, world_size=1, image_size=16, seed=0, batch_size=4, epochs=2, max_tasks=1)
+    assert IdleBackoff in ds.context.custom_execution_callback_classes
+    op = ds._logical_plan.dag  # the map over the unit ranges
+    assert op.compute.size == 1, op.compute
