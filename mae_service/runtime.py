@@ -52,6 +52,9 @@ def quiet_output(quiet: bool = True) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out": it is on by
+    # design (DESIGN.md); the line tells a user of the service nothing to do. Shown with -v.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def output_is_quiet() -> bool:

@@ -138,11 +138,17 @@ def open_source(uri: str, fmt: str, *, shard_size: int = 256, s3_endpoint: str |
         image_column=found.image_column,
         label_column=found.label_column,
     )
+    # Said once per dataset and process (a demo or report opens the same folders for every row): later opens at debug.
+    level = logging.DEBUG if (uri, fmt) in _ANNOUNCED else logging.INFO
+    _ANNOUNCED.add((uri, fmt))
     if src.listing_bytes:
-        logger.info("opened %r; the listing holds %.1f MB", src, src.listing_bytes / 1e6)
+        logger.log(level, "opened %r; the listing holds %.1f MB", src, src.listing_bytes / 1e6)
     else:
-        logger.info("opened %r", src)
+        logger.log(level, "opened %r", src)
     return src
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
 
 
 def samples_per_rank(src: Source, world_size: int, batch_size: int) -> int:

@@ -108,3 +108,18 @@ def test_importing_the_registry_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "[]"]
+
+
+def test_a_dataset_is_announced_once_per_process(tmp_path, caplog):
+    """The demo and ``eval report`` open the same folders for every row: "opened …" is said the first time only."""
+    import logging
+
+    from mae_service.data.source import open_source
+    from mae_service.data.synth import synthesize
+
+    synthesize(str(tmp_path / "d"), num_images=6, image_size=16, classes=2, fmt="files", seed=0)
+    with caplog.at_level(logging.DEBUG, logger="mae_service.data.source"):
+        for _ in range(3):
+            open_source(str(tmp_path / "d"), "files")
+    levels = [r.levelno for r in caplog.records if r.getMessage().startswith("opened ")]
+    assert levels == [logging.INFO, logging.DEBUG, logging.DEBUG]
