@@ -15,10 +15,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: demo test test-unit test-integration test-e2e lint bench clean venv
 
+# pip -qq: its errors only (not the warnings about index locations this machine's pip config names).
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 2>/dev/null || true
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
