@@ -18,9 +18,16 @@ from typing import Any
 
 from mae_service.config import Config, ConfigError
 from mae_service.finetune.preflight import FinetuneInputs, preflight
-from mae_service.tracking.runs import connect, resolve_tracking_uri, sanitize_uri
+from mae_service.tracking.runs import (
+    TrackingUnavailableError,
+    connect,
+    resolve_tracking_uri,
+    sanitize_uri,
+    tracking_problem,
+)
 from mae_service.train.checkpoint import checkpoint_uri, latest_checkpoint
-from mae_service.train.driver import open_mlflow_run
+from mae_service.train.driver import open_mlflow_run, recorded_through, replay_spool
+from mae_service.train.spool import Spool
 from mae_service.train.trainer import ray_trainer, start_ray
 
 __all__ = ["FinetuneResult", "finetune", "protocol"]
@@ -131,6 +138,11 @@ def finetune(cfg: Config, *, mlflow_tags: dict[str, str] | None = None) -> Finet
     run_id = open_mlflow_run(cfg, run_name, meta.mlflow_run_id if meta else None, tags, amp=inputs.amp)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = connect(tracking_uri, must_exist=False)[0]
+    # As in pretraining: what an interrupted submission could not record is replayed into the same run first, and
+    # the steps it recorded after its last checkpoint are re-trained but not recorded twice.
+    spool = Spool(t.storage_path, run_name, cfg.data.s3_endpoint)
+    replay_spool(spool, tracking_uri)
+    recorded = recorded_through(tracking_uri, run_id) if meta is not None else -1
     if meta is not None and start_step >= plan.total_steps:
         from ray.train import Checkpoint
 
@@ -155,6 +167,8 @@ def finetune(cfg: Config, *, mlflow_tags: dict[str, str] | None = None) -> Finet
             "resume_filesystem": resume_fs,
             "mlflow_run_id": run_id,
             "tracking_uri": tracking_uri,
+            "spool": spool.to_dict(),
+            "recorded_through": recorded,
         }
         trainer = _trainer(cfg, inputs, loop_config, run_name, start_step * plan.rows_per_step)
         logger.info(
@@ -182,12 +196,41 @@ def finetune(cfg: Config, *, mlflow_tags: dict[str, str] | None = None) -> Finet
         source_uri=inputs.source_uri,
         checkpoint_uri=checkpoint_uri(t.storage_path, ckpt.path if ckpt else None),
     )
-    try:
-        _record(cfg, inputs, out, ckpt, proto, client, tracking_uri)
-    finally:
-        client.set_terminated(run_id, status="FINISHED")
+    _finish_record(cfg, inputs, out, ckpt, proto, spool, client)
     out.seconds = round(time.monotonic() - t0, 1)
     return out
+
+
+def _finish_record(
+    cfg: Config, inputs: FinetuneInputs, out: FinetuneResult, ckpt: Any, proto: str, spool: Spool, client: Any
+) -> None:
+    """The spool replayed, the classifier registered, the run closed FINISHED; when the tracking server does not
+    answer (training never waited on it), the checkpoint stays, what rank 0 could not deliver stays in ``spool``, and
+    :class:`TrackingUnavailableError` says to resubmit (the resubmit finds the run trained and only records it)."""
+    from mlflow.exceptions import MlflowException
+
+    from mae_service.train.run_logger import bounded_http, is_transient
+
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)  # ``client``: made when the run opened (connect checks)
+    problem = tracking_problem(uri, must_exist=False)
+    if problem is None:
+        try:
+            with bounded_http():
+                replay_spool(spool, uri)  # what rank 0 could not deliver before it finished
+                try:
+                    _record(cfg, inputs, out, ckpt, proto, client, uri)
+                finally:
+                    client.set_terminated(out.mlflow_run_id, status="FINISHED")
+            return
+        except (MlflowException, OSError) as e:
+            problem = tracking_problem(uri, must_exist=False)
+            if problem is None or (isinstance(e, MlflowException) and not is_transient(e)):
+                raise
+    raise TrackingUnavailableError(
+        f"fine-tune {out.run_name} finished at step {out.step} (checkpoint {out.checkpoint_uri}) but the MLflow "
+        f"tracking server {sanitize_uri(uri)} is unreachable; what it did not get is kept in {spool.uri}: resubmit "
+        "the same command to finish the MLflow record"
+    )
 
 
 def _record(cfg: Config, inputs: FinetuneInputs, out: FinetuneResult, ckpt: Any, proto: str, client, uri: str) -> None:

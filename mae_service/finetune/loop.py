@@ -35,6 +35,7 @@ from mae_service.train.checkpoint import (
 from mae_service.train.loop import rank_batches, resume_checkpoint
 from mae_service.train.run_logger import RunLogger
 from mae_service.train.schedule import lr_at
+from mae_service.train.spool import spool_from_dict
 from mae_service.train.step import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,17 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     _restore(w, config)
     w.ddp_model = ray.train.torch.prepare_model(w.model, move_to_device=False)
     batches = _batches(w, config["start_rows"])
-    run = RunLogger(config["tracking_uri"], config["mlflow_run_id"], system_metrics=False) if w.rank == 0 else None
+    run = (
+        RunLogger(
+            config["tracking_uri"],
+            config["mlflow_run_id"],
+            system_metrics=False,
+            spool=spool_from_dict(config.get("spool")),
+            recorded_through=int(config.get("recorded_through", -1)),
+        )
+        if w.rank == 0
+        else None
+    )
     if run is not None:
         run.tag("mae.amp_worker", f"{amp_name(w.amp)} on {describe_device(w.device)}")
         if w.step == 0:

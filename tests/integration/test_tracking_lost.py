@@ -224,3 +224,62 @@ def test_run_logger_never_blocks_on_a_hung_server(own_mlflow, tmp_path):
     assert run.data.tags["mae.test"] == "hung"
     assert any(k.startswith("system/") for k in run.data.metrics)  # the last sample, taken at close
     assert [f.path for f in client.list_artifacts(run_id, "reconstructions")] == ["reconstructions/step_00000200.png"]
+
+
+def test_finetune_with_the_server_killed_for_good_is_finished_by_the_resubmit(
+    ray_local, own_mlflow, small_data, experiment_name, tmp_path, cli
+):
+    """Fine-tuning keeps the same promise as pretraining: the server killed after the first checkpoint, every epoch
+    is still trained and checkpointed, the run exits 2 naming the tracking URI with what MLflow missed in the spool;
+    the resubmit on the restarted server replays it, registers the classifier and closes the run FINISHED with every
+    ``loss`` step once."""
+    import torch
+
+    from mae_service.model import create_model
+    from mae_service.tracking import register_encoder
+
+    torch.manual_seed(0)
+    encoder = create_model(
+        "mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
+    ).eval()  # fmt: skip
+    name = f"ftlost-{uuid.uuid4().hex[:8]}"
+    register_encoder(encoder, tracking_uri=own_mlflow.uri, model_name=name, alias="current", run_id=None, tags={})
+    storage, run_name, steps = tmp_path / "ck", "ft-lost", 20  # 40 images / batch 8 = 5 steps × 4 epochs
+    args = [
+        "eval", "finetune", "--model", f"models:/{name}@current", "--train-data", str(small_data / "train"),
+        "--val-data", str(small_data / "val"), "--tracking-uri", own_mlflow.uri,
+        f"train.storage_path={storage}", "train.num_workers=1", "finetune.batch_size=8", "finetune.epochs=4",
+        "finetune.warmup_epochs=1", f"finetune.run_name={run_name}", f"mlflow.experiment={experiment_name}",
+        "train.keep_checkpoints=10",
+    ]  # fmt: skip
+    killed = threading.Event()
+
+    def kill_after_first_checkpoint():
+        _wait_for(lambda: (storage / run_name / "step_00000005" / "meta.json").exists(), 400, "the first checkpoint")
+        own_mlflow.kill()
+        killed.set()
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    rc, out, err = cli(*args)
+    killer.join(30)
+    assert killed.is_set(), (rc, err[-2000:])
+    assert rc == 2, err[-3000:]
+    message = [line for line in err.splitlines() if RESUBMIT in line]
+    assert len(message) == 1 and own_mlflow.uri in message[0], err[-3000:]
+    for step in range(5, steps + 1, 5):  # every epoch's checkpoint written while the server was gone
+        assert (storage / run_name / f"step_{step:08d}" / "meta.json").exists(), step
+    assert (storage / run_name / "mlflow_spool.jsonl").exists()
+
+    own_mlflow.start()
+    rc, out, err = cli(*args)
+    assert rc == 0, err[-3000:]
+    client, run = _run(own_mlflow.uri, experiment_name, run_name)
+    assert run.info.status == "FINISHED"
+    loss = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(loss) == list(range(1, steps + 1)), sorted(loss)
+    val = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+    assert sorted(val) == [0, 5, 10, 15, 20], sorted(val)
+    assert client.get_model_version_by_alias(f"{name}-ft", "current").run_id == run.info.run_id
+    assert not (storage / run_name / "mlflow_spool.jsonl").exists()
