@@ -4,8 +4,10 @@ cluster, data and checkpoints on the local S3 server, tracking to a real ``mlflo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -32,7 +34,18 @@ def submit(cluster: dict[str, str], script: str, *args: str, timeout: float = 90
     return out
 
 
-def test_pretrain_job_on_s3_resumes_when_resubmitted(local_cluster, s3_server, s3_bucket, mlflow_server):
+def _job(cluster: dict[str, str], *args: str, timeout: float = 120) -> str:
+    out = subprocess.run(
+        [str(RAY), "job", *args], env={**os.environ, **cluster}, cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr  # Ray's CLI writes some of its lines to stderr
+
+
+def test_pretrain_job_stopped_mid_run_continues_when_resubmitted(local_cluster, s3_server, s3_bucket, mlflow_server):
+    """``ray job stop`` once the first checkpoint is on S3, then the same ``ray job submit``: the job continues the
+    same run (one MLflow run, the same checkpoint folder) to the same final step, each ``loss`` step once."""
     synthesize(f"s3://{s3_bucket}/data", num_images=80, image_size=32, classes=4, fmt="files", seed=0, val_fraction=0.2)
     args = [
         "--config",
@@ -42,29 +55,50 @@ def test_pretrain_job_on_s3_resumes_when_resubmitted(local_cluster, s3_server, s
         f"data.val_uri=s3://{s3_bucket}/data/val",
         f"train.storage_path=s3://{s3_bucket}/ckpt",
         "train.run_name=e2e",
-        "train.epochs=3",
+        "train.epochs=6",
         "train.checkpoint_every_steps=2",
+        "train.keep_checkpoints=20",
         f"mlflow.tracking_uri={mlflow_server.uri}",
         "mlflow.experiment=e2e",
         "registry.model_name=e2e-encoder",
     ]
-    first = submit(local_cluster, "jobs/pretrain.py", *args, "train.max_steps=4")
-    assert "to step 4" in first.stdout
-    # readable by default: the summary and the lookup command, no Ray worker lines or Ray Data plans (only with -v)
-    assert "look it up:   MLFLOW_TRACKING_URI=" in first.stdout
-    assert "(RayTrainWorker" not in first.stdout and "Execution plan" not in first.stdout, first.stdout[-4000:]
-    second = submit(local_cluster, "jobs/pretrain.py", *args)
-    assert "continuing from step 4" in second.stdout + second.stderr
+    total = 24  # 64 images / 2 ranks / 8 = 4 steps × 6 epochs
+    s3 = s3_server.client()
 
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="ckpt/e2e/")["Contents"]]
-    assert "ckpt/e2e/step_00000012/model.safetensors" in keys  # 64 images / 2 ranks / 8 = 4 steps × 3 epochs
+    def checkpoints() -> list[str]:
+        found = s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpt/e2e/").get("Contents", [])
+        return sorted(o["Key"] for o in found if o["Key"].endswith("/meta.json"))
+
+    submitted = _job(local_cluster, "submit", "--no-wait", "--working-dir", str(ROOT), "--", "python",
+                     "jobs/pretrain.py", *args)  # fmt: skip
+    job_id = re.search(r"Job '([^']+)' submitted successfully", submitted)
+    assert job_id, submitted
+    deadline = time.monotonic() + 600
+    while not checkpoints():
+        assert time.monotonic() < deadline, "no checkpoint after 600 s"
+        status = _job(local_cluster, "status", job_id[1])
+        assert "RUNNING" in status or "PENDING" in status, status[-3000:]
+        time.sleep(0.5)
+    _job(local_cluster, "stop", job_id[1])
+    status = _job(local_cluster, "status", job_id[1])
+    assert f"Job '{job_id[1]}' was stopped" in status, status[-3000:]  # not finished before the stop took effect
+    before = checkpoints()
+    assert f"ckpt/e2e/step_{total:08d}/meta.json" not in before, before
+
+    second = submit(local_cluster, "jobs/pretrain.py", *args)
+    assert "continuing from step" in second.stdout + second.stderr
+    # readable by default: the summary and the lookup command, no Ray worker lines or Ray Data plans (only with -v)
+    assert "look it up:   MLFLOW_TRACKING_URI=" in second.stdout
+    assert "(RayTrainWorker" not in second.stdout and "Execution plan" not in second.stdout, second.stdout[-4000:]
+    assert f"ckpt/e2e/step_{total:08d}/meta.json" in checkpoints()
     client = mlflow.MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert len(runs) == 1, "the resubmitted job continues the same MLflow run"
-    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
-    assert steps == list(range(1, 13))
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, total + 1)), sorted(steps)
     mv = client.get_model_version_by_alias("e2e-encoder", "current")
-    assert mv.tags["steps"] == "12" and mv.tags["checkpoint_uri"].startswith(f"s3://{s3_bucket}/ckpt/e2e/")
+    assert mv.tags["steps"] == str(total) and mv.tags["checkpoint_uri"].startswith(f"s3://{s3_bucket}/ckpt/e2e/")
 
 
 def test_sweep_job(local_cluster, s3_server, s3_bucket, mlflow_server):
