@@ -210,6 +210,36 @@ def latest_checkpoint(
     return None
 
 
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's list of a run's reported checkpoints, in the run folder. Ray Train rewrites it in place after each
+checkpoint, so a full disk (or a kill mid-write) can leave it empty or cut short, and Ray Train then refuses to
+start the run again (``CheckpointManagerInitializationError``)."""
+
+
+def drop_broken_run_state(fs: Any, run_dir: str) -> bool:
+    """Remove Ray Train's checkpoint list in ``run_dir`` (on ``fs``) when it is not readable JSON, with a warning;
+    True when it did. Nothing is lost: a resubmit continues from :func:`latest_checkpoint`, which reads the step
+    folders themselves."""
+    import pyarrow.fs as pafs
+
+    path = f"{run_dir.rstrip('/')}/{RAY_TRAIN_SNAPSHOT}"
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return False
+        with fs.open_input_stream(path) as f:
+            json.loads(f.read().decode())
+        return False
+    except (ValueError, UnicodeDecodeError) as e:  # empty or cut short (a full disk): json's ValueError
+        logger.warning(
+            "Ray Train's checkpoint list %s is unreadable (%s), probably cut short by a full disk: removed; the run "
+            "continues from its latest complete checkpoint",
+            path,
+            e,
+        )
+        fs.delete_file(path)
+        return True
+
+
 _STORAGE_ERRORS = re.compile(
     r"No space left on device|Read-only file system|Permission denied|Operation not permitted|Disk quota exceeded"
     r"|AccessDenied"
@@ -222,11 +252,18 @@ def _texts(error: BaseException) -> list[str]:
     """The messages of ``error`` and of the chain of its causes (with what Ray kept of a worker's error)."""
     seen: set[int] = set()
     texts: list[str] = []
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
         seen.add(id(e))
         texts.append(str(e))
-        e = e.__cause__ or e.__context__
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        # Ray Train's WorkerGroupError and ControllerError keep the ranks' and the controller's own errors
+        todo += [c for c in (getattr(e, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
+        if isinstance(failure := getattr(e, "controller_failure", None), BaseException):
+            todo.append(failure)
     return texts
 
 
