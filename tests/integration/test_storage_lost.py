@@ -26,7 +26,7 @@ import pytest
 from mae_service.data.synth import synthesize
 from tests.exact import assert_bit_equal, checkpoint_tensors, metric_history, metric_steps
 from tests.ray_procs import ROOT, env_without_loopback_hint
-from tests.servers import S3Server
+from tests.servers import AWS_TEST_ENV, S3Server
 from tests.tiny import TINY_LOCAL
 
 STEPS = 16  # 32 train images / batch 8 = 4 steps per epoch × 4 epochs
@@ -48,8 +48,10 @@ def own_s3(tmp_path):
 
 
 @pytest.fixture
-def on_s3(own_s3):
+def on_s3(own_s3, monkeypatch):
     """A bucket on ``own_s3`` holding a small labelled image set under ``data/train``; returns the bucket."""
+    for k, v in AWS_TEST_ENV.items():  # this process writes the images (the driver gets them in its env)
+        monkeypatch.setenv(k, v)
     bucket = own_s3.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
     synthesize(
         f"s3://{bucket}/data",
