@@ -26,12 +26,28 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-S3_MAX_ATTEMPTS = 3
-"""Attempts per S3 request in all (the first and its retries)."""
+
+def _setting(name: str, default: float) -> float:
+    """A positive number from environment variable ``name`` (unset or empty: ``default``)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r}: must be a positive number")
+    return value
+
+
+S3_MAX_ATTEMPTS = int(_setting("MAE_S3_MAX_ATTEMPTS", 3))
+"""Attempts per S3 request in all (the first and its retries); environment variable ``MAE_S3_MAX_ATTEMPTS``."""
 S3_CONNECT_TIMEOUT_S = 5.0
-S3_REQUEST_TIMEOUT_S = 20.0
+S3_REQUEST_TIMEOUT_S = _setting("MAE_S3_REQUEST_TIMEOUT_S", 20.0)
 """Seconds without a byte moving before a request is abandoned (pyarrow: curl's low-speed limit; boto3: the
-socket read timeout). Not a limit on a transfer that keeps moving."""
+socket read timeout). Not a limit on a transfer that keeps moving. Environment variable
+``MAE_S3_REQUEST_TIMEOUT_S`` (set where the driver starts, so the Ray workers get it too)."""
 
 _UNREACHABLE = re.compile(
     r"AWS Error NETWORK_CONNECTION|curlCode: \d+|Timeout was reached|Couldn't connect to server"

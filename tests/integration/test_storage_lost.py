@@ -9,6 +9,8 @@ S3 server's process group is SIGSTOPped: it accepts connections (the kernel does
   FINISHED MLflow run, and the final weights and loss of the same seeded command run without the fault;
 - hung for good: the run fails with exit 2 and one line naming the ``s3://`` URI it could not reach, well within
   the subprocess timeout (the store's requests have timeouts and a bounded number of attempts, never a hang).
+  This case shortens the request timeout (``MAE_S3_REQUEST_TIMEOUT_S=5``, default 20 s) and sets
+  ``train.max_failures=0``: the time to fail scales with both.
 """
 
 from __future__ import annotations
@@ -202,6 +204,7 @@ def test_store_hung_25s_then_back_the_run_finishes_exactly(own_s3, on_s3, tmp_pa
 
 def test_store_down_for_good_fails_clearly_in_bounded_time(own_s3, on_s3, tmp_path):
     bucket, env, tracking = on_s3, _env(own_s3), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env["MAE_S3_REQUEST_TIMEOUT_S"] = "5"  # the bound scales with it: 5 s keeps the test short (default 20 s)
     proc, log = _start(_command(bucket, tracking, "down", "train.max_failures=0"), env, tmp_path / "down.log")
     try:
         t0 = time.monotonic()
