@@ -6,6 +6,13 @@ an S3 bucket take the same code path. S3 settings come from the standard AWS env
 ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` for S3-compatible stores. Retries and timeouts are kept low so a
 wrong endpoint, wrong credentials or a missing bucket fail in seconds with an error naming the URI.
 
+A hung store (connections accepted, never answered) is bounded the same way, for pyarrow and boto3 alike: a
+request that gets no byte for :data:`S3_REQUEST_TIMEOUT_S` is abandoned and sent again, with the AWS SDKs'
+standard back-off, at most :data:`S3_MAX_ATTEMPTS` times in all. So one operation (a read, a listing, a
+checkpoint part upload) rides out a stall of up to about ``(S3_MAX_ATTEMPTS - 1) × S3_REQUEST_TIMEOUT_S`` (40 s),
+and fails after about ``S3_MAX_ATTEMPTS × S3_REQUEST_TIMEOUT_S`` (60 s) when the store stays down;
+:func:`unreachable` tells such a failure from the others.
+
 :func:`s3_client` gives a boto3 client built from the same settings, for reads of whole small objects: pyarrow's
 filesystem sends a HEAD before each GET, which doubles the requests for loose image files.
 """
@@ -14,13 +21,49 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-S3_MAX_ATTEMPTS = 3
+
+def _setting(name: str, default: float) -> float:
+    """A positive number from environment variable ``name`` (unset or empty: ``default``)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r}: must be a positive number")
+    return value
+
+
+S3_MAX_ATTEMPTS = int(_setting("MAE_S3_MAX_ATTEMPTS", 3))
+"""Attempts per S3 request in all (the first and its retries); environment variable ``MAE_S3_MAX_ATTEMPTS``."""
 S3_CONNECT_TIMEOUT_S = 5.0
-S3_REQUEST_TIMEOUT_S = 60.0
+S3_REQUEST_TIMEOUT_S = _setting("MAE_S3_REQUEST_TIMEOUT_S", 20.0)
+"""Seconds without a byte moving before a request is abandoned (pyarrow: curl's low-speed limit; boto3: the
+socket read timeout). Not a limit on a transfer that keeps moving. Environment variable
+``MAE_S3_REQUEST_TIMEOUT_S`` (set where the driver starts, so the Ray workers get it too)."""
+
+_UNREACHABLE = re.compile(
+    r"AWS Error NETWORK_CONNECTION|curlCode: \d+|Timeout was reached|Couldn't connect to server"
+    r"|(?:Read|Connect) timeout on endpoint URL|Could not connect to the endpoint URL|Connection was closed before"
+)
+
+
+def unreachable(error: BaseException | str) -> str | None:
+    """The part of ``error`` (an exception or its text) that says the S3 store did not answer (a timeout, a
+    refused or dropped connection, after the retries); None for any other error."""
+    text = str(error)
+    m = _UNREACHABLE.search(text)
+    if m is None:
+        return None
+    line = next(ln for ln in text.splitlines() if m.group(0) in ln)
+    return line.strip()
 
 
 def is_s3(uri: str) -> bool:
@@ -78,7 +121,7 @@ def s3_client(bucket: str = "", s3_endpoint: str | None = None, max_pool_connect
         region_name=_region(bucket, url),
         connect_timeout=S3_CONNECT_TIMEOUT_S,
         read_timeout=S3_REQUEST_TIMEOUT_S,
-        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
         max_pool_connections=max_pool_connections,
         # path-style requests, as pyarrow sends them, when the endpoint is an S3-compatible store
         s3={"addressing_style": "path"} if url else None,

@@ -210,21 +210,97 @@ def latest_checkpoint(
     return None
 
 
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's list of a run's reported checkpoints, in the run folder. Ray Train rewrites it in place after each
+checkpoint, so a full disk (or a kill mid-write) can leave it empty or cut short, and Ray Train then refuses to
+start the run again (``CheckpointManagerInitializationError``)."""
+
+
+def drop_broken_run_state(fs: Any, run_dir: str) -> bool:
+    """Remove Ray Train's checkpoint list in ``run_dir`` (on ``fs``) when it is not readable JSON, with a warning;
+    True when it did. Nothing is lost: a resubmit continues from :func:`latest_checkpoint`, which reads the step
+    folders themselves."""
+    import pyarrow.fs as pafs
+
+    path = f"{run_dir.rstrip('/')}/{RAY_TRAIN_SNAPSHOT}"
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return False
+        with fs.open_input_stream(path) as f:
+            json.loads(f.read().decode())
+        return False
+    except (ValueError, UnicodeDecodeError) as e:  # empty or cut short (a full disk): json's ValueError
+        logger.warning(
+            "Ray Train's checkpoint list %s is unreadable (%s), probably cut short by a full disk: removed; the run "
+            "continues from its latest complete checkpoint",
+            path,
+            e,
+        )
+        fs.delete_file(path)
+        return True
+
+
 _STORAGE_ERRORS = re.compile(
-    r"No space left on device|Read-only file system|Permission denied|Disk quota exceeded|AccessDenied"
+    r"No space left on device|Read-only file system|Permission denied|Operation not permitted|Disk quota exceeded"
+    r"|AccessDenied"
 )
+_DATA_SOURCE = re.compile(r"data source '(s3a?://[^']+)': ([^\n]+)")
+_S3_OBJECT = re.compile(r"key '([^']*)' in bucket '([^']+)'")
+
+
+def _texts(error: BaseException) -> list[str]:
+    """The messages of ``error`` and of the chain of its causes (with what Ray kept of a worker's error)."""
+    seen: set[int] = set()
+    texts: list[str] = []
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        texts.append(str(e))
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        # Ray Train's WorkerGroupError and ControllerError keep the ranks' and the controller's own errors
+        todo += [c for c in (getattr(e, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
+        if isinstance(failure := getattr(e, "controller_failure", None), BaseException):
+            todo.append(failure)
+    return texts
+
+
+def store_unreachable(error: BaseException, storage_path: str, data_uri: str) -> str | None:
+    """One line naming the ``s3://`` URI when ``error`` (e.g. Ray Train's, wrapping a worker's) is an S3 store that
+    stopped answering (every attempt timed out, or the connection was refused or dropped): the data source
+    ``data_uri`` when a data read failed so, else ``train.storage_path`` (a checkpoint upload, download or
+    listing); None for other errors."""
+    from mae_service.data.storage import S3_MAX_ATTEMPTS, S3_REQUEST_TIMEOUT_S, unreachable
+
+    texts = _texts(error)
+    why = next((w for t in texts if (w := unreachable(t))), None)
+    if why is None:
+        return None
+    advice = "; check the S3 store (data.s3_endpoint or AWS_ENDPOINT_URL), then resubmit the same command: the run "
+    advice += "continues from its last complete checkpoint"
+    for t in texts:
+        if (m := _DATA_SOURCE.search(t)) and unreachable(m.group(2)):
+            return f"data.train_uri={m.group(1)!r}: the S3 store stopped answering ({m.group(2).strip()[:300]}){advice}"
+    where = ""
+    if (m := next((m for t in texts if (m := _S3_OBJECT.search(t))), None)) is not None:
+        where = f" at s3://{m.group(2)}/{m.group(1)}"
+        data = data_uri.removeprefix("s3a://").removeprefix("s3://").rstrip("/")
+        if data_uri.startswith(("s3://", "s3a://")) and f"{m.group(2)}/{m.group(1)}".startswith(data + "/"):
+            return f"data.train_uri={data_uri!r}: the S3 store stopped answering{where} ({why[:300]}){advice}"
+    if not storage_path.startswith(("s3://", "s3a://")):
+        return None
+    return (
+        f"train.storage_path={storage_path!r}: the S3 store stopped answering{where} ({why[:300]}; "
+        f"{S3_MAX_ATTEMPTS} attempts of {S3_REQUEST_TIMEOUT_S:.0f} s){advice}"
+    )
 
 
 def storage_failure(error: BaseException, storage_path: str) -> str | None:
     """One line naming ``storage_path`` when ``error`` (e.g. Ray Train's, wrapping a worker's) is the storage
     refusing a write (full, read-only, no permission); None for other errors."""
-    seen: set[int] = set()
-    texts: list[str] = []
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:  # the chain of causes, and what Ray kept of the worker's error
-        seen.add(id(e))
-        texts.append(str(e))
-        e = e.__cause__ or e.__context__
+    texts = _texts(error)
     m = next((m for t in texts if (m := _STORAGE_ERRORS.search(t))), None)
     if m is None:
         return None

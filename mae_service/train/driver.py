@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mae_service.config import Config, ConfigError
-from mae_service.runtime import output_is_quiet
+from mae_service.runtime import ExitError, output_is_quiet
 from mae_service.tracking.runs import (
     RUN_NAME_TAG,
     TrackingUnavailableError,
@@ -29,15 +29,34 @@ from mae_service.tracking.runs import (
     sanitize_uri,
     tracking_problem,
 )
-from mae_service.train.checkpoint import CheckpointMeta, checkpoint_uri, latest_checkpoint, storage_failure
+from mae_service.train.checkpoint import (
+    CheckpointMeta,
+    checkpoint_uri,
+    latest_checkpoint,
+    storage_failure,
+    store_unreachable,
+)
 from mae_service.train.preflight import Inputs, plan_steps, preflight
 from mae_service.train.progress import ProgressBar
 from mae_service.train.spool import Spool
 from mae_service.train.trainer import ray_trainer, start_ray
 
-__all__ = ["PretrainResult", "plan_steps", "preflight", "pretrain", "register_from_checkpoint", "register_latest"]
+__all__ = [
+    "PretrainResult",
+    "StorageUnavailableError",
+    "plan_steps",
+    "preflight",
+    "pretrain",
+    "register_from_checkpoint",
+    "register_latest",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class StorageUnavailableError(ExitError):
+    """Training stopped because its storage refused a write (full, read-only) or an S3 store stopped answering:
+    one line naming the path or URI (exit 2); the checkpoints written before are intact, a resubmit continues."""
 
 
 @dataclass
@@ -271,8 +290,11 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None, 
         logger.info("training finished in %.0f s", out.train_seconds)
     except BaseException as e:
         _terminate_quietly(client, out, "FAILED")
-        if problem := storage_failure(e, cfg.train.storage_path):
-            raise ConfigError([problem]) from e
+        problem = storage_failure(e, cfg.train.storage_path) or store_unreachable(
+            e, cfg.train.storage_path, cfg.data.train_uri
+        )
+        if problem:
+            raise StorageUnavailableError(problem) from e
         raise
     ckpt = result.checkpoint
     out.metrics = dict(result.metrics or {})

@@ -57,6 +57,7 @@ def ray_trainer(
     from mae_service.data import decode_tasks_per_rank, ingest_options, train_dataset
     from mae_service.data.storage import filesystem_for
     from mae_service.runtime import cluster_cpus_gpus
+    from mae_service.train.checkpoint import drop_broken_run_state
 
     t = cfg.train
     max_tasks = decode_tasks_per_rank(
@@ -83,6 +84,7 @@ def ray_trainer(
         for r in range(t.num_workers)
     }
     storage_fs, storage_root = filesystem_for(t.storage_path, s3_endpoint=cfg.data.s3_endpoint)
+    drop_broken_run_state(storage_fs, f"{storage_root.rstrip('/')}/{run_name}")  # else Ray Train cannot resume
     auth = worker_env()
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(

@@ -174,3 +174,23 @@ def test_writable_local_storage_passes_preflight(tmp_path, images):
     assert not (tmp_path / "new").exists()  # preflight creates nothing
     assert 12 * 5_000_000 < checkpoint_bytes(cfg) < 12 * 10_000_000
     assert not [p for p in tmp_path.iterdir() if ".mae-write-test" in p.name]
+
+
+def test_a_cut_short_ray_train_checkpoint_list_is_removed_not_trusted(tmp_path, caplog):
+    """Ray Train rewrites its checkpoint list in place: a full disk leaves it empty, and Ray Train would then
+    refuse to start the run again. The driver removes such a file (naming it) before Ray Train reads it."""
+    import pyarrow.fs as pafs
+
+    from mae_service.train.checkpoint import RAY_TRAIN_SNAPSHOT, drop_broken_run_state
+
+    fs, run_dir = pafs.LocalFileSystem(), tmp_path / "r"
+    assert not drop_broken_run_state(fs, str(run_dir))  # no run folder yet
+    run_dir.mkdir()
+    (run_dir / RAY_TRAIN_SNAPSHOT).write_text('{"checkpoints": []}')
+    assert not drop_broken_run_state(fs, str(run_dir)) and (run_dir / RAY_TRAIN_SNAPSHOT).exists()
+    for broken in (b"", b'{"checkpoints": [', b"\xff\xfe"):
+        (run_dir / RAY_TRAIN_SNAPSHOT).write_bytes(broken)
+        with caplog.at_level(logging.WARNING, logger="mae_service.train.checkpoint"):
+            assert drop_broken_run_state(fs, str(run_dir))
+        assert not (run_dir / RAY_TRAIN_SNAPSHOT).exists()
+        assert RAY_TRAIN_SNAPSHOT in caplog.text

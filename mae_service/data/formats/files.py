@@ -46,7 +46,7 @@ from mae_service.data.formats.shared import (
     source_error,
 )
 from mae_service.data.source import FileItems, Shard, Source
-from mae_service.data.storage import filesystem_for, is_s3, s3_client
+from mae_service.data.storage import S3_MAX_ATTEMPTS, filesystem_for, is_s3, s3_client, unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +287,10 @@ class _S3Objects:
     """Whole S3 objects, one GET each. pyarrow's ``open_input_stream`` sends a HEAD and then a GET per object,
     twice the requests (and, against a slow server, half the objects per second) for loose image files.
 
-    ``read`` raises OSError for an object that cannot be read (missing, or failing after the retries): a bad item,
-    like a corrupt one. Wrong credentials, a missing bucket or an unreachable endpoint raise ValueError naming the
-    source URI, since every other object would fail the same way."""
+    ``read`` raises OSError for an object that cannot be read (missing, or a server error after the retries): a
+    bad item, like a corrupt one. Wrong credentials, a missing bucket, an unreachable endpoint or a store that
+    stops answering (timeouts on every attempt) raise ValueError naming the source URI, since every other object
+    would fail the same way: skipping it would only move on to the next hung read, and change the data."""
 
     def __init__(self, uri: str, s3_endpoint: str | None):
         self.uri = uri
@@ -304,7 +305,15 @@ class _S3Objects:
         return source_error(self.uri, f"cannot read s3://{path}: {what}")
 
     def read(self, path: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
 
         bucket, key = path.split("/", 1)
         try:
@@ -323,15 +332,17 @@ class _S3Objects:
             raise self._fail(path, f"{e} ({HINT_CREDENTIALS})") from None
         except EndpointConnectionError as e:
             raise self._fail(path, f"{e} ({HINT_ENDPOINT})") from None
-        except BotoCoreError as e:  # read timeouts, truncated bodies, ...
+        except (ReadTimeoutError, ConnectTimeoutError, ConnectionClosedError) as e:  # a hung or dropped store
+            raise self._fail(path, f"{e}, {S3_MAX_ATTEMPTS} attempts ({HINT_ENDPOINT})") from None
+        except BotoCoreError as e:  # truncated bodies, ...
             raise OSError(str(e)) from None
 
 
 class _FilesReader:
     """Loose files: each item is an object; fetched concurrently, returned in the order asked."""
 
-    def __init__(self, fs: pafs.FileSystem, shard: Shard, s3: _S3Objects | None = None):
-        self.fs, self.shard, self.s3 = fs, shard, s3
+    def __init__(self, fs: pafs.FileSystem, shard: Shard, s3: _S3Objects | None = None, uri: str = ""):
+        self.fs, self.shard, self.s3, self.uri = fs, shard, s3, uri
 
     def name(self, pos: int) -> str:
         return self.shard.key(pos)
@@ -341,6 +352,8 @@ class _FilesReader:
         try:
             data = self.s3.read(path) if self.s3 is not None else read_object(self.fs, path)
         except OSError as e:  # vanished or unreadable object: a bad item, like a corrupt one
+            if self.s3 is None and (why := unreachable(e)):  # the store, not the object: see _S3Objects
+                raise source_error(self.uri or path, f"cannot read {path}: {why}") from None
             raise BadImageError(f"cannot read: {e}") from None
         return data, self.shard.label(pos)
 
@@ -358,7 +371,7 @@ class _FilesReader:
 
 
 def reader(src: Source, fs: pafs.FileSystem, shard: Shard) -> _FilesReader:
-    return _FilesReader(fs, shard, _S3Objects(src.uri, src.s3_endpoint) if is_s3(src.uri) else None)
+    return _FilesReader(fs, shard, _S3Objects(src.uri, src.s3_endpoint) if is_s3(src.uri) else None, src.uri)
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
