@@ -191,9 +191,13 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], 
     if not enabled:
         yield None
         return
+    import shutil
+
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+    # A terminal that reports 0 × 0 (a pty nobody sized) would get tqdm's bar at width 0 and hidden below row 0.
+    size = shutil.get_terminal_size()  # COLUMNS / LINES, else the terminal's size, else 80 × 24
+    bar = tqdm(total=total, desc=desc, unit="img", leave=False, ncols=size.columns, nrows=size.lines)
     try:
         yield bar.update
     finally:

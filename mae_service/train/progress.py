@@ -8,6 +8,8 @@ a line every tenth of the run. Nothing here can stop training: a lost update is 
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import threading
 from typing import Any
@@ -54,13 +56,19 @@ class ProgressBar:
         from tqdm import tqdm
 
         tty = sys.stderr.isatty()
+        try:  # a terminal that reports 0 columns (a pty nobody sized) would get a bar of width 0: nothing shown
+            sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+        except OSError:
+            sized = False
         bar = tqdm(
             total=self.total,
             initial=self.start,
             desc="train",
             unit="step",
             file=sys.stderr,
-            dynamic_ncols=True,
+            dynamic_ncols=sized,
+            ncols=None if sized else shutil.get_terminal_size().columns,  # COLUMNS, else 80
+            nrows=None if sized else shutil.get_terminal_size().lines,  # tqdm hides a bar below 0 rows too
             mininterval=0.5,
             disable=not tty,  # off a terminal: only the lines printed below
         )
