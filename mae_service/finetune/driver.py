@@ -23,10 +23,9 @@ from mae_service.tracking.runs import (
     connect,
     resolve_tracking_uri,
     sanitize_uri,
-    tracking_problem,
 )
 from mae_service.train.checkpoint import checkpoint_uri, latest_checkpoint
-from mae_service.train.driver import open_mlflow_run, recorded_through, replay_spool
+from mae_service.train.driver import open_mlflow_run, record_and_close, recorded_through, replay_spool
 from mae_service.train.spool import Spool
 from mae_service.train.trainer import ray_trainer, start_ray
 
@@ -204,28 +203,15 @@ def finetune(cfg: Config, *, mlflow_tags: dict[str, str] | None = None) -> Finet
 def _finish_record(
     cfg: Config, inputs: FinetuneInputs, out: FinetuneResult, ckpt: Any, proto: str, spool: Spool, client: Any
 ) -> None:
-    """The spool replayed, the classifier registered, the run closed FINISHED; when the tracking server does not
-    answer (training never waited on it), the checkpoint stays, what rank 0 could not deliver stays in ``spool``, and
-    :class:`TrackingUnavailableError` says to resubmit (the resubmit finds the run trained and only records it)."""
-    from mlflow.exceptions import MlflowException
-
-    from mae_service.train.run_logger import bounded_http, is_transient
-
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)  # ``client``: made when the run opened (connect checks)
-    problem = tracking_problem(uri, must_exist=False)
-    if problem is None:
-        try:
-            with bounded_http():
-                replay_spool(spool, uri)  # what rank 0 could not deliver before it finished
-                try:
-                    _record(cfg, inputs, out, ckpt, proto, client, uri)
-                finally:
-                    client.set_terminated(out.mlflow_run_id, status="FINISHED")
-            return
-        except (MlflowException, OSError) as e:
-            problem = tracking_problem(uri, must_exist=False)
-            if problem is None or (isinstance(e, MlflowException) and not is_transient(e)):
-                raise
+    """The spool replayed, the classifier registered, the run closed FINISHED (:func:`record_and_close`); when the
+    tracking server does not answer (training never waited on it), the checkpoint stays, what rank 0 could not
+    deliver stays in ``spool``, and :class:`TrackingUnavailableError` says to resubmit (the resubmit finds the run
+    trained and only records it). ``client``: made when the run opened."""
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    if record_and_close(
+        client, uri, out.mlflow_run_id, spool, lambda: _record(cfg, inputs, out, ckpt, proto, client, uri)
+    ):
+        return
     raise TrackingUnavailableError(
         f"fine-tune {out.run_name} finished at step {out.step} (checkpoint {out.checkpoint_uri}) but the MLflow "
         f"tracking server {sanitize_uri(uri)} is unreachable; what it did not get is kept in {spool.uri}: resubmit "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -300,26 +301,17 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None, 
     out.metrics = dict(result.metrics or {})
     out.checkpoint_uri = checkpoint_uri(cfg.train.storage_path, ckpt.path if ckpt else None)
     out.step, out.loss = int(out.metrics.get("step", 0)), out.metrics.get("loss")
-    from mlflow.exceptions import MlflowException
+    from mae_service.train.run_logger import tag_record
 
-    from mae_service.train.run_logger import bounded_http, is_transient, tag_record
+    run_id = out.mlflow_run_id  # not None (asserted above), for the closure
 
-    problem = tracking_problem(out.tracking_uri, must_exist=False)
-    if problem is None:
-        try:
-            with bounded_http():
-                replay_spool(spool, out.tracking_uri)  # what rank 0 could not deliver before it finished
-                client.set_tag(out.mlflow_run_id, "mae.checkpoint_uri", out.checkpoint_uri or "")
-                try:
-                    if (cfg.registry.register if register is None else register) and ckpt is not None:
-                        out.model_version = register_from_checkpoint(cfg, ckpt, out)
-                finally:
-                    client.set_terminated(out.mlflow_run_id, status="FINISHED")
-            return out
-        except (MlflowException, OSError) as e:
-            problem = tracking_problem(out.tracking_uri, must_exist=False)
-            if problem is None or (isinstance(e, MlflowException) and not is_transient(e)):
-                raise
+    def record() -> None:
+        client.set_tag(run_id, "mae.checkpoint_uri", out.checkpoint_uri or "")
+        if (cfg.registry.register if register is None else register) and ckpt is not None:
+            out.model_version = register_from_checkpoint(cfg, ckpt, out)
+
+    if record_and_close(client, out.tracking_uri, run_id, spool, record):
+        return out
     held = spool.read()
     spool.write([*held, tag_record(out.mlflow_run_id, "mae.checkpoint_uri", out.checkpoint_uri or "")])
     raise TrackingUnavailableError(
@@ -327,6 +319,33 @@ def _fit(cfg: Config, trainer: Any, out: PretrainResult, register: bool | None, 
         f"{sanitize_uri(out.tracking_uri)} is unreachable; {len(held) + 1} records are kept in {spool.uri}: "
         "resubmit the same command to finish the MLflow record"
     )
+
+
+def record_and_close(client: Any, tracking_uri: str, run_id: str, spool: Spool, record: Callable[[], None]) -> bool:
+    """At the end of a trained run: replay ``spool`` (what rank 0 could not deliver), call ``record`` (tags,
+    registration), then close run ``run_id`` FINISHED (even when ``record`` fails), all under bounded HTTP. False
+    when the tracking server does not answer (before or during this): the caller keeps what is left for a resubmit
+    and says so. Other errors, and an MLflow error while the server answers, are raised."""
+    from mlflow.exceptions import MlflowException
+
+    from mae_service.train.run_logger import bounded_http, is_transient
+
+    if tracking_problem(tracking_uri, must_exist=False) is not None:
+        return False
+    try:
+        with bounded_http():
+            replay_spool(spool, tracking_uri)
+            try:
+                record()
+            finally:
+                client.set_terminated(run_id, status="FINISHED")
+        return True
+    except (MlflowException, OSError) as e:
+        if tracking_problem(tracking_uri, must_exist=False) is None or (
+            isinstance(e, MlflowException) and not is_transient(e)
+        ):
+            raise
+        return False
 
 
 def _terminate_quietly(client: Any, out: PretrainResult, status: str) -> None:

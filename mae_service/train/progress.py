@@ -60,6 +60,7 @@ class ProgressBar:
             sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0
         except OSError:
             sized = False
+        size = shutil.get_terminal_size()  # COLUMNS / LINES, else the terminal's size, else 80 × 24
         bar = tqdm(
             total=self.total,
             initial=self.start,
@@ -67,8 +68,8 @@ class ProgressBar:
             unit="step",
             file=sys.stderr,
             dynamic_ncols=sized,
-            ncols=None if sized else shutil.get_terminal_size().columns,  # COLUMNS, else 80
-            nrows=None if sized else shutil.get_terminal_size().lines,  # tqdm hides a bar below 0 rows too
+            ncols=None if sized else size.columns,
+            nrows=None if sized else size.lines,  # tqdm hides a bar below row 0 too
             mininterval=0.5,
             disable=not tty,  # off a terminal: only the lines printed below
         )
