@@ -119,3 +119,11 @@ class HeldRay:
                 pass
             self.proc.wait(30)
         stop_processes(processes_under(self.temp_dir))
+
+
+def stop_driver(proc, log) -> None:
+    """End a driver started in its own process group (SIGKILL to the group if still running) and close its log."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    log.close()

@@ -93,7 +93,8 @@ class S3Server:
         """What a client (or a Ray worker) needs to reach this server."""
         return {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": self.endpoint}
 
-    def client(self):
+    def client(self, config=None):
+        """A boto3 client of this server (``config``: a ``botocore.config.Config``, e.g. short timeouts)."""
         import boto3
 
         return boto3.client(
@@ -102,6 +103,7 @@ class S3Server:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
             region_name="us-east-1",
+            config=config,
         )
 
     def make_bucket(self, name: str) -> str:

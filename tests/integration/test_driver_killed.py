@@ -28,7 +28,7 @@ import pytest
 from mae_service.data.synth import synthesize
 from mae_service.local_ray import processes_under, state_dir
 from tests.exact import assert_bit_equal, checkpoint_tensors, metric_history, metric_steps
-from tests.ray_procs import ROOT, env_without_loopback_hint
+from tests.ray_procs import ROOT, env_without_loopback_hint, stop_driver
 from tests.tiny import TINY_LOCAL
 
 STEPS = 24  # 48 train images / batch 8 = 6 steps per epoch × 4 epochs
@@ -131,10 +131,7 @@ def test_killed_driver_resubmitted_continues_the_same_run_exactly(
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process of its group: a lost driver host
         killed_s = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-        log.close()
+        stop_driver(proc, log)
     killed_dir = state_dir() / f"run-{proc.pid}-0"  # the killed driver's local Ray (mae_service.local_ray)
     (first,) = _runs(mlflow_server.uri, experiment_name, "killed")
     assert first.info.status == "RUNNING"  # nobody closed it

@@ -27,7 +27,7 @@ import pytest
 
 from mae_service.data.synth import synthesize
 from tests.exact import assert_bit_equal, checkpoint_tensors, metric_history, metric_steps
-from tests.ray_procs import ROOT, env_without_loopback_hint
+from tests.ray_procs import ROOT, env_without_loopback_hint, stop_driver
 from tests.servers import AWS_TEST_ENV, S3Server
 from tests.tiny import TINY_LOCAL
 
@@ -97,17 +97,9 @@ def _env(s3):
 
 def _quick_client(s3):
     """A client that gives up fast: the test's own polling must never hang on the paused server."""
-    import boto3
     from botocore.config import Config
 
-    return boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
-    )
+    return s3.client(Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
 
 
 def _checkpoints(client, bucket, run_name):
@@ -120,13 +112,6 @@ def _start(cmd, env, log_path):
     log = log_path.open("w")  # a file, not a pipe: nobody reads it while the driver runs
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
-
-
-def _stop(proc, log):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(60)
-    log.close()
 
 
 def _pause_after_first_checkpoint(s3, proc, bucket, run_name, timeout=300):
@@ -177,7 +162,7 @@ def test_store_hung_25s_then_back_the_run_finishes_exactly(own_s3, on_s3, tmp_pa
         run_s = time.monotonic() - t0
     finally:
         os.killpg(own_s3.proc.pid, signal.SIGCONT)
-        _stop(proc, log)
+        stop_driver(proc, log)
     output = (tmp_path / "hung.log").read_text()
     assert rc == 0, output[-4000:]
     client = own_s3.client()
@@ -215,7 +200,7 @@ def test_store_down_for_good_fails_clearly_in_bounded_time(own_s3, on_s3, tmp_pa
             pytest.fail(f"the run still had not failed {DOWN_TIMEOUT_S} s after the store hung for good")
         fail_s = time.monotonic() - paused
     finally:
-        _stop(proc, log)
+        stop_driver(proc, log)
         os.killpg(own_s3.proc.pid, signal.SIGCONT)
     output = (tmp_path / "down.log").read_text()
     assert rc == 2, output[-4000:]

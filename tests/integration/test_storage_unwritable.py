@@ -16,8 +16,6 @@ to the last step.
 from __future__ import annotations
 
 import errno
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import pytest
 
 from mae_service.data.synth import synthesize
 from mae_service.train.checkpoint import STEP_DIR, latest_checkpoint, load_model_weights, read_meta
-from tests.ray_procs import ROOT, env_without_loopback_hint
+from tests.ray_procs import ROOT, env_without_loopback_hint, stop_driver
 from tests.tiny import TINY_LOCAL
 
 STEPS = 16  # 32 train images / batch 8 = 4 steps per epoch × 4 epochs
@@ -121,10 +119,7 @@ def test_storage_unwritable_mid_run_fails_clearly_and_keeps_the_checkpoints(faul
         rc = proc.wait(300)
         fail_s = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-        log.close()
+        stop_driver(proc, log)
     output = log_path.read_text()
     assert rc == 2, output[-4000:]
     errors = [line for line in output.splitlines() if line.startswith("mae-service pretrain: error:")]
